@@ -1,0 +1,48 @@
+# The two commands a new user runs (see README):  make demo   /   make test
+# Both create .venv on first use (or reuse it) and install what they need into it.
+#   TORCH_SPEC   torch to install when the venv has none (a GPU user may pass their own build)
+#   VENV_ARGS    e.g. --system-site-packages to reuse a preinstalled CUDA torch
+#   PYTEST_ARGS  extra pytest arguments, e.g. -k zoo or -m "not slow"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+VENV_ARGS ?=
+PYTEST_ARGS ?=
+FLOOR_VENV ?= .venv-floor
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.unsloth_like-installed
+
+.PHONY: demo test test-fast test-floor doctor clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("unsloth_like needs Python >= 3.10, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m unsloth_like demo --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# The suite against the lowest version of every dependency pyproject.toml admits.
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(VENV_ARGS) $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip packaging
+	$(FLOOR_VENV)/bin/python scripts/floor_requirements.py > $(FLOOR_VENV)/floor.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor.txt -e ".[dev]"
+	$(FLOOR_VENV)/bin/python -m pip check
+	$(FLOOR_VENV)/bin/python -m pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
+
+doctor: $(STAMP)
+	$(BIN)/python -m unsloth_like doctor
+
+clean:
+	rm -rf $(VENV) $(FLOOR_VENV) outputs .pytest_cache

@@ -1,0 +1,76 @@
+"""The built-in demo job (the README's first command) end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from unsloth_like.demo import DemoSettings, run_demo
+from unsloth_like.testing.zoo import load_zoo_model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_demo_trains_and_saves_a_loadable_adapter(architecture, zoo_cache, tmp_path):
+    out = tmp_path / "demo"
+    messages = []
+    result = run_demo(
+        DemoSettings(output_dir=out, architecture=architecture, max_steps=10, batch_size=4,
+                     n_conversations=64, cache_dir=zoo_cache),
+        log=messages.append,
+    )
+    assert len(result.losses) == 10
+    assert result.last_loss < result.first_loss - 0.2, result.losses
+    assert f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}" in messages[0]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "demo_summary.json"):
+        assert (out / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging removed
+    assert json.loads((out / "demo_summary.json").read_text())["losses"] == result.losses
+
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: it was trained
+    base, tokenizer = load_zoo_model(architecture, cache_dir=zoo_cache)
+    reloaded = PeftModel.from_pretrained(base, out)
+    batch = tokenizer(["What is 3 plus 4?"], return_tensors="pt")
+    with torch.no_grad():
+        tuned = reloaded(**batch).logits
+        with reloaded.disable_adapter():
+            plain = reloaded(**batch).logits
+    assert (tuned - plain).abs().max() > 1e-3
+
+
+def test_demo_refuses_a_non_empty_output_dir_before_training(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="is not empty; pass --overwrite"):
+        run_demo(DemoSettings(output_dir=tmp_path))
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_demo_refuses_a_vision_model():
+    with pytest.raises(ValueError, match="vision-language model"):
+        run_demo(DemoSettings(architecture="qwen2_vl"))
+
+
+@pytest.mark.slow
+def test_demo_command_line(zoo_cache, tmp_path):
+    out = tmp_path / "cli-demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "unsloth_like", "demo", "--model", "qwen3", "--max-steps", "3",
+         "--output-dir", str(out), "--zoo-cache", str(zoo_cache)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "demo: trained zoo 'qwen3'" in done.stdout
+    assert (out / "adapter_model.safetensors").is_file()
+    again = subprocess.run(
+        [sys.executable, "-m", "unsloth_like", "demo", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode != 0 and "is not empty; pass --overwrite" in again.stderr

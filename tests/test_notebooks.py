@@ -1,0 +1,30 @@
+"""Every notebook under notebooks/ runs top to bottom (headless, in a scratch directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no .ipynb files"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path, zoo_cache, monkeypatch):
+    nbformat = pytest.importorskip("nbformat", reason="install the [dev] extra to run notebooks")
+    nbclient = pytest.importorskip("nbclient", reason="install the [dev] extra to run notebooks")
+    notebook = nbformat.read(path, as_version=4)
+    # The kernel inherits the environment: keep its zoo builds inside this test run's cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(zoo_cache / "xdg"))
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "loss " in text and "->" in text
+    assert (tmp_path / "outputs" / "quickstart" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,74 @@
+"""Project-level promises: layout, import hygiene, and the README agreeing with what is real."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _pyproject_dependencies() -> dict[str, Requirement]:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {Requirement(line).name: Requirement(line) for line in project["dependencies"]}
+
+
+def _readme_version_table() -> dict[str, tuple[str, str, str]]:
+    section = README.split("## Tested versions", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] not in ("package", "---"):
+            rows[cells[0]] = (cells[1], cells[2], cells[3])
+    return rows
+
+
+def test_no_top_level_kernels_package_shadows_huggingface_kernels():
+    assert not (ROOT / "kernels").exists()
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not any(str(ROOT) == str(Path(p).parent) for p in spec.submodule_search_locations or [])
+
+
+def test_importing_unsloth_like_leaves_transformers_peft_trl_untouched():
+    code = (
+        "import sys, unsloth_like\n"
+        "print(sorted(m for m in ('transformers', 'peft', 'trl', 'triton') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_readme_version_table_matches_pyproject():
+    dependencies = _pyproject_dependencies()
+    table = _readme_version_table()
+    assert set(table) == set(dependencies), "README 'Tested versions' must list every runtime dependency"
+    for name, requirement in dependencies.items():
+        declared, newest, floor = table[name]
+        assert Requirement(f"{name}{declared}").specifier == requirement.specifier, name
+        assert requirement.specifier.contains(newest), f"{name}: newest tested {newest} outside range"
+        lower = next(s.version for s in requirement.specifier if s.operator == ">=")
+        assert Version(floor) == Version(lower), f"{name}: floor tested {floor} != lower bound {lower}"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^make \w[\w-]*", ci, flags=re.MULTILINE)
+    assert commands == ["make test"]
+    assert "make test    #" in README
+
+
+def test_floor_requirements_pin_every_dependency():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "floor_requirements.py")],
+                          capture_output=True, text=True, check=True)
+    pinned = {Requirement(line).name for line in done.stdout.splitlines()}
+    assert pinned == set(_pyproject_dependencies())

@@ -1,0 +1,11 @@
+"""unsloth_like: fast, lean finetuning of language and vision-language models.
+
+The public API follows Unsloth's names (``FastLanguageModel`` ... as they land); the objects are
+plain Hugging Face ones. Importing this package changes nothing in transformers, peft or trl.
+"""
+
+from .env import env_report, is_bfloat16_supported
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "env_report", "is_bfloat16_supported"]

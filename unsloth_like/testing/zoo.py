@@ -1,0 +1,281 @@
+"""Tiny real models for tests, benchmarks, notebooks and the demo: no hub, no downloads.
+
+Each zoo entry is a real Hugging Face architecture (the same classes a user's checkpoint loads
+into) with seeded random weights and deliberately awkward sizes: hidden sizes that are not
+powers of two, vocabularies such as 32003, grouped-query attention, ``head_dim`` different from
+``hidden / heads`` where the architecture allows it, tied and untied embeddings, qkv bias,
+q/k norm. Models are written with ``save_pretrained`` next to a tokenizer trained on the fly
+(``testing.tokenizer``), so everything downstream exercises the real loading code.
+
+``zoo_model_dir(name)`` builds a model once and reuses it: directories are cached under a key
+derived from the full spec and the transformers version, and written atomically, so concurrent
+test workers never see half a model.
+
+Vocabulary note: the embedding matrices are larger than the trained tokenizers (as in real
+Qwen/Llama checkpoints whose embeddings are padded past the tokenizer's length); the extra rows
+are never produced by the tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tokenizer import TOKENIZERS, TokenizerSpec, save_tokenizer
+
+ZOO_FORMAT_VERSION = 1  # bump when the way zoo directories are written changes
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """A zoo model: its transformers config class and arguments, tokenizer and seed."""
+
+    name: str
+    config_class: str  # attribute of ``transformers``
+    config: dict[str, Any]
+    tokenizer: str  # key of ``testing.tokenizer.TOKENIZERS``
+    seed: int = 1234
+    is_vlm: bool = False
+    # Token-id config fields filled from the tokenizer, e.g. {"image_token_id": "<|image_pad|>"}.
+    token_fields: dict[str, str] = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec:
+        return TOKENIZERS[self.tokenizer]
+
+    def cache_key(self) -> str:
+        import transformers
+
+        payload = {
+            "format": ZOO_FORMAT_VERSION,
+            "transformers": transformers.__version__,
+            "spec": asdict(self),
+            "tokenizer": asdict(self.tokenizer_spec),
+        }
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return f"{self.name}-{digest}"
+
+
+_COMMON = {"num_hidden_layers": 2, "max_position_embeddings": 2048, "initializer_range": 0.02}
+
+ZOO: dict[str, ZooSpec] = {
+    spec.name: spec
+    for spec in [
+        ZooSpec(
+            name="llama",
+            config_class="LlamaConfig",
+            config={**_COMMON, "num_hidden_layers": 3, "vocab_size": 32003, "hidden_size": 200,
+                    "intermediate_size": 344, "num_attention_heads": 5, "num_key_value_heads": 1,
+                    "head_dim": 48, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+            tokenizer="llama3",
+            notes="untied, GQA 5:1, head_dim 48 != 200/5, 3 layers, Llama-3 tokenizer (BOS added)",
+        ),
+        ZooSpec(
+            name="mistral",
+            config_class="MistralConfig",
+            config={**_COMMON, "vocab_size": 32768, "hidden_size": 176, "intermediate_size": 320,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 48,
+                    "sliding_window": 4096, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+            tokenizer="spm",
+            notes="GQA 2:1, head_dim 48 != 176/4, SentencePiece-style tokenizer without a pad token",
+        ),
+        ZooSpec(
+            name="qwen2",
+            config_class="Qwen2Config",
+            config={**_COMMON, "vocab_size": 16387, "hidden_size": 176, "intermediate_size": 304,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                    "rms_norm_eps": 1e-6,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+            tokenizer="qwen2",
+            notes="tied embeddings, qkv bias, GQA 2:1, head_dim 44, vocab 16387 = 2^14 + 3",
+        ),
+        ZooSpec(
+            name="qwen3",
+            config_class="Qwen3Config",
+            config={**_COMMON, "vocab_size": 12289, "hidden_size": 144, "intermediate_size": 272,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                    "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+            tokenizer="qwen2",
+            notes="q/k RMSNorm, head_dim 64 != 144/4, untied, GQA 2:1",
+        ),
+        ZooSpec(
+            name="qwen2_vl",
+            config_class="Qwen2VLConfig",
+            config={
+                "text_config": {**_COMMON, "vocab_size": 16387, "hidden_size": 192,
+                                "intermediate_size": 320, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "tie_word_embeddings": True,
+                                "rms_norm_eps": 1e-6,
+                                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                                    "mrope_section": [8, 8, 8]}},
+                "vision_config": {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2,
+                                  "hidden_size": 192, "patch_size": 14, "spatial_merge_size": 2,
+                                  "temporal_patch_size": 2, "in_channels": 3},
+                "tie_word_embeddings": True,
+            },
+            tokenizer="qwen2",
+            is_vlm=True,
+            token_fields={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                          "vision_start_token_id": "<|vision_start|>",
+                          "vision_end_token_id": "<|vision_end|>"},
+            notes="Qwen2-VL: 2-block ViT (embed 64), M-RoPE sections 8/8/8, tied embeddings",
+        ),
+    ]
+}
+
+
+def default_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "unsloth_like" / "zoo"
+
+
+def get_spec(name: str) -> ZooSpec:
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise ValueError(f"Unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}.") from None
+
+
+def zoo_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Directory holding zoo model ``name`` (config, safetensors, tokenizer); built on first use."""
+    spec = get_spec(name)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / spec.cache_key()
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
+    try:
+        build_model_dir(spec, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race with another builder
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_model_dir(spec: ZooSpec, directory: Path) -> None:
+    """Write tokenizer and seeded model for ``spec`` into ``directory`` (no caching)."""
+    import transformers
+
+    max_len = _text_config_dict(spec)["max_position_embeddings"]
+    save_tokenizer(spec.tokenizer_spec, directory, model_max_length=max_len)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+
+    config_kwargs = copy.deepcopy(spec.config)
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    _text_config_dict(spec, config_kwargs).update(special_ids)
+    for field_name, token in spec.token_fields.items():
+        config_kwargs[field_name] = tokenizer.convert_tokens_to_ids(token)
+    config = getattr(transformers, spec.config_class)(**config_kwargs)
+
+    torch.manual_seed(spec.seed)
+    auto = transformers.AutoModelForImageTextToText if spec.is_vlm else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
+    model.generation_config = _generation_config(spec, tokenizer)
+    model.save_pretrained(directory)
+
+
+def _text_config_dict(spec: ZooSpec, config: dict | None = None) -> dict:
+    config = spec.config if config is None else config
+    return config["text_config"] if spec.is_vlm else config
+
+
+def _generation_config(spec: ZooSpec, tokenizer) -> "transformers.GenerationConfig":
+    from transformers import GenerationConfig
+
+    eos_ids = [tokenizer.eos_token_id]
+    if spec.tokenizer == "llama3":  # Llama-3.1 stops on end-of-turn as well as end-of-text
+        eos_ids.append(tokenizer.convert_tokens_to_ids("<|eot_id|>"))
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+
+
+def load_zoo_model(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    load_in_4bit: bool = False,
+    cache_dir: str | Path | None = None,
+):
+    """``(model, tokenizer)`` for zoo model ``name`` loaded with plain transformers.
+
+    ``load_in_4bit`` quantises the linear layers to bitsandbytes NF4 with double quantisation
+    (this works on CPU with bitsandbytes >= 0.49); a VLM keeps its vision tower unquantised, as
+    QLoRA recipes do. Note that on CPU a 4-bit model must not run in eval mode before training:
+    bitsandbytes repacks CPU weights on the first no-grad forward, after which training breaks.
+    """
+    import transformers
+
+    spec = get_spec(name)
+    directory = zoo_model_dir(name, cache_dir)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if load_in_4bit:
+        skip = ["lm_head", "model.visual"] if spec.is_vlm else ["lm_head"]
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
+        )
+    auto = transformers.AutoModelForImageTextToText if spec.is_vlm else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(directory, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+def make_vlm_inputs(tokenizer, config, grid_thw: tuple[int, int, int] = (1, 4, 6), text: str = "Describe the picture.",
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """A one-image chat batch for a zoo VLM: token ids with the right number of image pads,
+    random ``pixel_values`` already flattened into patches, and ``image_grid_thw``.
+
+    Built without an image processor (Qwen2-VL's needs torchvision), using the same patch layout
+    the processor produces: one row per ``temporal x patch x patch`` patch, ``grid_h x grid_w``
+    patches merged ``spatial_merge_size**2`` at a time into one LLM token.
+    """
+    vision = config.vision_config
+    t, h, w = grid_thw
+    if h % vision.spatial_merge_size or w % vision.spatial_merge_size:
+        raise ValueError(f"grid height/width must be multiples of spatial_merge_size={vision.spatial_merge_size}.")
+    n_image_tokens = t * h * w // vision.spatial_merge_size**2
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens)
+    encoded = tokenizer([prompt], return_tensors="pt")
+    generator = torch.Generator().manual_seed(seed)
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.randn(t * h * w, patch_dim, generator=generator)
+    # Modality of each token (0 text, 1 image), which the processor also returns: M-RoPE needs it.
+    mm_token_type_ids = (encoded["input_ids"] == config.image_token_id).long()
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "mm_token_type_ids": mm_token_type_ids,
+        "pixel_values": pixel_values,
+        "image_grid_thw": torch.tensor([grid_thw]),
+    }
