@@ -242,3 +242,11 @@ def test_4bit_vlm_keeps_the_vision_tower_in_full_precision(zoo_cache):
     inputs = make_vlm_inputs(tokenizer, model4.config)
     out = model4(**inputs, labels=inputs["input_ids"])
     assert torch.isfinite(out.loss)
+
+
+def test_building_does_not_disturb_the_callers_random_state(tmp_path):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    zoo_model_dir("qwen3", tmp_path)  # a fresh build seeds its own generator
+    assert torch.equal(torch.rand(3), expected)

@@ -189,9 +189,10 @@ def build_model_dir(spec: ZooSpec, directory: Path) -> None:
         config_kwargs[field_name] = tokenizer.convert_tokens_to_ids(token)
     config = getattr(transformers, spec.config_class)(**config_kwargs)
 
-    torch.manual_seed(spec.seed)
     auto = transformers.AutoModelForImageTextToText if spec.is_vlm else transformers.AutoModelForCausalLM
-    model = auto.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(spec.seed)
+        model = auto.from_config(config, dtype=torch.float32)
     model.generation_config = _generation_config(spec, tokenizer)
     model.save_pretrained(directory)
 
