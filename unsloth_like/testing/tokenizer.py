@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from typing import TYPE_CHECKING
 
 from .corpus import tokenizer_corpus
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -118,8 +120,10 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
 }
 
 
-def train_tokenizer(spec: TokenizerSpec) -> Tokenizer:
+def train_tokenizer(spec: TokenizerSpec) -> "Tokenizer":
     """Train the raw ``tokenizers.Tokenizer`` described by ``spec`` (deterministic)."""
+    from tokenizers import processors
+
     corpus = tokenizer_corpus(seed=spec.seed)
     if spec.style == "spm":
         tokenizer = _train_spm(spec, corpus)
@@ -137,7 +141,9 @@ def train_tokenizer(spec: TokenizerSpec) -> Tokenizer:
     return tokenizer
 
 
-def _train_byte_level(spec: TokenizerSpec, corpus: list[str]) -> Tokenizer:
+def _train_byte_level(spec: TokenizerSpec, corpus: list[str]) -> "Tokenizer":
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
     pattern = LLAMA3_SPLIT if spec.style == "llama3" else QWEN2_SPLIT
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -156,8 +162,10 @@ def _train_byte_level(spec: TokenizerSpec, corpus: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def _train_spm(spec: TokenizerSpec, corpus: list[str]) -> Tokenizer:
+def _train_spm(spec: TokenizerSpec, corpus: list[str]) -> "Tokenizer":
     """SentencePiece-shaped BPE: ids 0..2 unk/bos/eos, then the 256 ``<0xNN>`` byte pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     draft = Tokenizer(models.BPE(unk_token=spec.unk_token))
     draft.pre_tokenizer = metaspace
