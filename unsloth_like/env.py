@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
 from .kernels import _backend
 
 # Distributions every install needs (triton only where it ships wheels: Linux).
@@ -106,10 +105,6 @@ def collect_env() -> EnvInfo:
             )
     except RuntimeError as error:  # a broken driver must not break the report
         notes.append(f"CUDA probe failed: {error}")
-    try:
-        kernels.load_all_ops()
-    except Exception as error:  # report a broken kernel module instead of failing the report
-        notes.append(f"Loading the kernel modules failed: {type(error).__name__}: {error}")
     device_types = ["cuda", "cpu"] if devices else ["cpu"]
     backends = {
         device: {name: str(backend) for name, backend in _backend.op_backends(device).items()}

@@ -5,9 +5,9 @@ own module (Triton kernels + ``<op>_reference`` + autograd Function + public dis
 registers itself with ``_backend.register_op`` so ``doctor`` can report it; the backend
 (compiled Triton, Triton interpreter, torch reference) is chosen in ``_backend`` alone.
 
-Op modules import Triton, so they are loaded on first use of their public names (PEP 562
-``__getattr__``): ``import unsloth_like`` stays light and the interpreter switch
-(``TRITON_INTERPRET``) can still be set before Triton is imported.
+Every op module is imported here, eagerly, and its public names are bound on this package
+*after* the module import, so ``unsloth_like.kernels.rms_norm`` is the function even though a
+submodule has the same name. Set ``TRITON_INTERPRET`` before importing this package.
 """
 
 from __future__ import annotations
@@ -16,26 +16,18 @@ import importlib
 
 from ._backend import Backend, op_backends, registered_ops, select_backend, use_backend
 
-# public name -> module (relative to this package) that defines it
+# public name -> module (relative to this package) that defines it (imported eagerly below)
 _LAZY = {
     "rms_norm": "rms_norm",
     "rms_norm_reference": "rms_norm",
+    "swiglu": "swiglu",
+    "swiglu_reference": "swiglu",
+    "geglu": "swiglu",
+    "geglu_reference": "swiglu",
 }
 OP_MODULES = tuple(dict.fromkeys(_LAZY.values()))
+for _name, _module in _LAZY.items():
+    globals()[_name] = getattr(importlib.import_module(f".{_module}", __name__), _name)
+del _name, _module
 
-__all__ = ["Backend", "load_all_ops", "op_backends", "registered_ops", "select_backend", "use_backend", *_LAZY]
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def load_all_ops() -> None:
-    """Import every op module (so each is registered); ``doctor`` calls this."""
-    for module in OP_MODULES:
-        importlib.import_module(f".{module}", __name__)
+__all__ = ["Backend", "op_backends", "registered_ops", "select_backend", "use_backend", *_LAZY]

@@ -20,7 +20,9 @@ except ImportError:  # no Triton wheel on this platform: every op runs its torch
     class _Undecorated:
         """Stands in for ``triton``/``triton.language`` so kernel modules still import."""
 
-        constexpr = None
+        @staticmethod
+        def constexpr(value=None):  # also used as an annotation: any object will do
+            return value
 
         @staticmethod
         def jit(fn=None, **_kwargs):
