@@ -79,12 +79,12 @@ def test_architecture_specific_features_are_present(zoo_cache):
 
 
 def test_builds_are_cached_atomic_and_seeded(zoo_cache, tmp_path):
-    first = zoo_model_dir("qwen3", zoo_cache)
+    first = zoo_model_dir("qwen3", tmp_path)  # a private cache: other test workers build in the shared one
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert zoo_model_dir("qwen3", zoo_cache) == first
+    assert zoo_model_dir("qwen3", tmp_path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
-    assert not [p for p in zoo_cache.iterdir() if p.name.startswith(".")]  # no staging left behind
-    rebuilt = zoo_model_dir("qwen3", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging directory left behind
+    rebuilt = zoo_model_dir("qwen3", zoo_cache)
     ours, theirs = load_file(first / "model.safetensors"), load_file(rebuilt / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for key in ours:
