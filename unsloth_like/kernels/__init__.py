@@ -20,10 +20,21 @@ from ._backend import Backend, op_backends, registered_ops, select_backend, use_
 _LAZY = {
     "rms_norm": "rms_norm",
     "rms_norm_reference": "rms_norm",
+    "cross_entropy": "cross_entropy",
+    "cross_entropy_reference": "cross_entropy",
+    "fused_linear_cross_entropy": "cross_entropy",
+    "fused_linear_cross_entropy_reference": "cross_entropy",
+    "dequantize_nf4": "quant",
+    "dequantize_nf4_reference": "quant",
+    "nf4_code": "quant",
     "swiglu": "swiglu",
     "swiglu_reference": "swiglu",
     "geglu": "swiglu",
     "geglu_reference": "swiglu",
+    "apply_rope": "rope",
+    "apply_rope_reference": "rope",
+    "layer_norm": "layer_norm",
+    "layer_norm_reference": "layer_norm",
 }
 OP_MODULES = tuple(dict.fromkeys(_LAZY.values()))
 for _name, _module in _LAZY.items():

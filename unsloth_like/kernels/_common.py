@@ -58,6 +58,13 @@ def row_block_settings(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def backward_programs(device: torch.device, n_rows: int) -> int:
+    """How many programs split the rows of a reduction-carrying backward kernel."""
+    if device.type == "cuda":
+        return max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, 4))  # the interpreter runs programs one after another
+
+
 def check_float_tensor(name: str, tensor, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import Backend, register_op, select_backend
-from ._common import check_float_tensor, check_same_device, check_shape, row_block_settings, tl, triton
+from ._common import backward_programs, check_float_tensor, check_same_device, check_shape, row_block_settings, tl, triton
 
 register_op("rms_norm", "RMSNorm (Llama/Gemma cast orders), grads for x and weight")
 
@@ -86,13 +86,6 @@ def _rms_norm_backward_kernel(
         dx = rstd * (dnormed - normed * (tl.sum(dnormed * normed, axis=0) / n_cols))
         tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + program.to(tl.int64) * n_cols + cols, dw, mask=mask)
-
-
-def backward_programs(device: torch.device, n_rows: int) -> int:
-    """How many programs split the rows of a reduction-carrying backward kernel."""
-    if device.type == "cuda":
-        return max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_rows, 4))  # the interpreter runs programs one after another
 
 
 class _RMSNormFunction(torch.autograd.Function):
