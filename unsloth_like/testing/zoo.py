@@ -226,7 +226,7 @@ def load_zoo_model(
     """``(model, tokenizer)`` for zoo model ``name`` loaded with plain transformers.
 
     ``load_in_4bit`` quantises the linear layers to bitsandbytes NF4 with double quantisation
-    (this works on CPU with bitsandbytes >= 0.49); a VLM keeps its vision tower unquantised, as
+    (this works on CPU with bitsandbytes >= 0.50); a VLM keeps its vision tower unquantised, as
     QLoRA recipes do. Note that on CPU a 4-bit model must not run in eval mode before training:
     bitsandbytes repacks CPU weights on the first no-grad forward, after which training breaks.
     """
