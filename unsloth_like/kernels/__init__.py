@@ -17,7 +17,7 @@ import importlib
 from ._backend import Backend, op_backends, registered_ops, select_backend, use_backend
 
 # public name -> module (relative to this package) that defines it (imported eagerly below)
-_LAZY = {
+_PUBLIC = {
     "rms_norm": "rms_norm",
     "rms_norm_reference": "rms_norm",
     "cross_entropy": "cross_entropy",
@@ -36,9 +36,9 @@ _LAZY = {
     "layer_norm": "layer_norm",
     "layer_norm_reference": "layer_norm",
 }
-OP_MODULES = tuple(dict.fromkeys(_LAZY.values()))
-for _name, _module in _LAZY.items():
+OP_MODULES = tuple(dict.fromkeys(_PUBLIC.values()))
+for _name, _module in _PUBLIC.items():
     globals()[_name] = getattr(importlib.import_module(f".{_module}", __name__), _name)
 del _name, _module
 
-__all__ = ["Backend", "op_backends", "registered_ops", "select_backend", "use_backend", *_LAZY]
+__all__ = ["Backend", "op_backends", "registered_ops", "select_backend", "use_backend", *_PUBLIC]
