@@ -5,7 +5,10 @@ plain Hugging Face ones. Importing this package changes nothing in transformers,
 """
 
 from .env import env_report, is_bfloat16_supported
+from .models.loader import FastLanguageModel, FastModel
+from .models.patching import patch_model, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "env_report", "is_bfloat16_supported"]
+__all__ = ["FastLanguageModel", "FastModel", "__version__", "env_report", "is_bfloat16_supported",
+           "patch_model", "unpatch"]

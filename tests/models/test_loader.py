@@ -1,0 +1,114 @@
+"""FastLanguageModel.from_pretrained / FastModel on zoo directories, and its argument checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from unsloth_like import FastLanguageModel, FastModel
+from unsloth_like.models import is_patched
+from unsloth_like.testing.zoo import zoo_model_dir
+
+
+def test_defaults_load_4bit_patched_with_a_pad_token(zoo_cache):
+    import bitsandbytes as bnb
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("mistral", zoo_cache)), max_seq_length=512)
+    assert is_patched(model)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # Unsloth's default: 4-bit
+    assert model.get_input_embeddings().weight.dtype == torch.float32  # dtype=None on CPU
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.padding_side == "right" and tokenizer.model_max_length == 512
+    assert model.max_seq_length == 512
+
+
+def test_16bit_load_trains_with_the_fused_loss(zoo_cache):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen2", zoo_cache)), load_in_4bit=False)
+    assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
+    batch = tokenizer(["Describe a red kite."], return_tensors="pt")
+    FastLanguageModel.for_training(model)
+    out = model(**batch, labels=batch["input_ids"])
+    assert out.logits is None and torch.isfinite(out.loss)
+    FastLanguageModel.for_inference(model)
+    assert not model.training and model.config.use_cache
+    assert model(**batch).logits is not None
+
+
+def test_full_finetuning_overrides_the_4bit_default(zoo_cache):
+    model, _ = FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen3", zoo_cache)), full_finetuning=True)
+    assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+
+
+def test_fastmodel_loads_unpatched(zoo_cache):
+    model, _ = FastModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    assert not is_patched(model)
+
+
+def test_max_seq_length_beyond_the_trained_context_sets_linear_rope_scaling(zoo_cache):
+    model, _ = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False,
+                                                 max_seq_length=5000)
+    params = model.config.rope_parameters
+    assert params["rope_type"] == "linear" and params["factor"] == 3.0
+    assert params["rope_theta"] == 500000.0  # the model's own base is kept
+    assert model.config.max_position_embeddings == 5000
+
+
+def test_adapter_directory_loads_base_then_adapter_trainable(zoo_cache, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base_dir = zoo_model_dir("qwen3", zoo_cache)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    transformers.AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp_path / "adapter")
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), load_in_4bit=False)
+    assert isinstance(model, PeftModel) and is_patched(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.fixture
+def nothing_heavy_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"model_name": "/nonexistent/model"}, FileNotFoundError, "does not exist"),
+        ({"max_seq_length": 0}, ValueError, "max_seq_length must be a positive integer"),
+        ({"dtype": torch.float16}, ValueError, "not supported for training on CPU"),
+        ({"dtype": "float8"}, ValueError, "dtype must be one of"),
+        ({"load_in_4bit": True, "full_finetuning": True}, ValueError, "full_finetuning=True trains every weight"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, ValueError, "Choose one of"),
+        ({"device_map": "tpu"}, ValueError, "device_map must be"),
+    ],
+)
+def test_bad_arguments_fail_before_loading(kwargs, error, message, zoo_cache, nothing_heavy_loads):
+    arguments = {"model_name": str(zoo_model_dir("llama", zoo_cache)), **kwargs}
+    with pytest.raises(error, match=message):
+        FastLanguageModel.from_pretrained(**arguments)
+
+
+def test_directory_without_config_is_refused(tmp_path, nothing_heavy_loads):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        FastLanguageModel.from_pretrained(str(tmp_path))
+
+
+def test_hub_id_offline_fails_with_a_clear_message():
+    code = "from unsloth_like import FastLanguageModel\nFastLanguageModel.from_pretrained('someorg/no-such-model')\n"
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "Could not load 'someorg/no-such-model': it is not a local directory" in done.stderr

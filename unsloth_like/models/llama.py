@@ -1,0 +1,83 @@
+"""Training forwards for the Llama-shaped families (Llama, Mistral, Qwen2, Qwen3).
+
+Each function here is bound to *one module instance* by ``models.patching`` and replaces that
+instance's ``forward``; the classes in transformers are never touched. They compute exactly what
+upstream computes, through our kernels:
+
+* RMSNorm -> ``kernels.rms_norm`` (HF's Llama cast order), also Qwen3's per-head q/k norms;
+* attention -> upstream's structure with ``kernels.apply_rope`` on q and k, then the attention
+  implementation the model was loaded with (SDPA by default; flash-attention when configured),
+  through transformers' own attention-function registry, so masks, padding, packed sequences
+  and the KV cache behave as upstream;
+* gated MLP -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))``.
+
+Projections are called as modules (``self.q_proj(x)``), so PEFT's LoRA layers that replace them
+keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..kernels import apply_rope, rms_norm, swiglu
+from .registry import PatchSpec
+
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def make_attention_forward(spec: PatchSpec):
+    """The attention forward for one architecture (sliding window and q/k norm differ)."""
+
+    def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if spec.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rope(query, key, cos, sin)
+
+        cache = _pop_cache(args, kwargs)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+
+        upstream_eager = sys.modules[type(self).__module__].eager_attention_forward
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, upstream_eager)
+        extra = {}
+        if spec.sliding_window == "config":
+            extra["sliding_window"] = getattr(self.config, "sliding_window", None)
+        elif spec.sliding_window == "module":
+            extra["sliding_window"] = self.sliding_window
+        attn_output, attn_weights = attention(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling, **extra, **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+    return attention_forward
+
+
+def _pop_cache(args: tuple, kwargs: dict):
+    """The KV cache, however this transformers version passes it (``cache`` in recent releases,
+    ``past_key_values`` before; positional after the mask), removed from ``kwargs`` because the
+    attention function must not receive it (upstream takes it as a named parameter)."""
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in kwargs:
+            return kwargs.pop(name)
+    return args[0] if args else None

@@ -1,0 +1,283 @@
+"""``FastLanguageModel`` / ``FastModel``: Unsloth's loading API over plain transformers objects.
+
+``from_pretrained`` returns ``(model, tokenizer)``: a transformers CausalLM (or a PEFT model when
+``model_name`` is an adapter directory) patched per instance with our kernels where the
+architecture is registered, and its tokenizer with a pad token. Arguments are checked before
+anything heavy is loaded.
+
+Pad token choice: a tokenizer without one gets, in order of preference, a reserved pad token it
+already has (``<|finetune_right_pad_id|>``, ``<pad>``, ``<|pad|>``, ``<|endoftext|>`` when it is
+not EOS), else its ``unk`` token, else a new ``<|pad|>`` special token (embeddings are resized
+only if the tokenizer then outgrows them). EOS is never used as pad: a model trained with pad ==
+EOS learns never to stop, because padded EOS positions are masked out of the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..env import is_bfloat16_supported
+from .patching import patch_model, unpatch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|endoftext|>", "<|PAD_TOKEN|>")
+_UNSET = object()  # distinguishes "load_in_4bit left at its default" from an explicit True
+
+
+class FastLanguageModel:
+    """Load, patch and switch modes of causal language models (Unsloth's names and defaults)."""
+
+    patch_architecture = True  # FastModel leaves models unpatched
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        max_seq_length: int = 2048,
+        dtype=None,
+        load_in_4bit=_UNSET,
+        load_in_8bit: bool = False,
+        load_in_16bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        device_map="auto",
+        rope_scaling: dict | None = None,
+        fix_tokenizer: bool = True,
+        trust_remote_code: bool = False,
+        use_gradient_checkpointing="unsloth",
+        resize_model_vocab: int | None = None,
+        revision: str | None = None,
+        attn_implementation: str | None = None,
+        **kwargs,
+    ):
+        quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning)
+        _check_max_seq_length(max_seq_length)
+        device = _resolve_device(device_map)
+        torch_dtype = _resolve_dtype(dtype, device)
+        source = _resolve_source(model_name)  # raises before any weights are read
+
+        import transformers
+
+        adapter_dir = None
+        if source.adapter:
+            adapter_dir, model_name = source.path, source.base_model
+        config = _load_config(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+        _apply_rope_scaling(config, max_seq_length, rope_scaling)
+        load_kwargs = {
+            "config": config, "dtype": torch_dtype, "token": token, "revision": revision,
+            "trust_remote_code": trust_remote_code,
+            "attn_implementation": attn_implementation or "sdpa",
+            **kwargs,
+        }
+        if device != "cpu":
+            load_kwargs["device_map"] = device_map if device_map != "auto" else {"": device}
+        quantization_config = _quantization_config(quant, torch_dtype)
+        if quantization_config is not None:
+            load_kwargs["quantization_config"] = quantization_config
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_name, **load_kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            adapter_dir or model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+
+        if fix_tokenizer:
+            _ensure_pad_token(tokenizer, model)
+        if resize_model_vocab is not None:
+            model.resize_token_embeddings(resize_model_vocab)
+        tokenizer.padding_side = "right"
+        tokenizer.model_max_length = max_seq_length
+        model.max_seq_length = max_seq_length
+        if cls.patch_architecture:
+            patch_model(model)
+        if full_finetuning and use_gradient_checkpointing:
+            # transformers >= 5.2x renamed it; older releases only have the gradient_ name
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        return model, tokenizer
+
+    @staticmethod
+    def for_inference(model):
+        """Eval mode: logits are returned, the KV cache is used by ``generate``."""
+        model.eval()
+        _text_config(model).use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model):
+        """Training mode again: the loss comes from the fused kernel, logits only on demand."""
+        model.train()
+        _text_config(model).use_cache = False
+        return model
+
+    @staticmethod
+    def unpatch(model):
+        unpatch(model)
+        return model
+
+
+class FastModel(FastLanguageModel):
+    """The generic path: any ``AutoModelForCausalLM`` checkpoint, loaded and left unpatched."""
+
+    patch_architecture = False
+
+
+# --- argument checks (all before anything is loaded) --------------------------------------------
+
+
+class _Source:
+    def __init__(self, path: str, adapter: bool = False, base_model: str | None = None):
+        self.path, self.adapter, self.base_model = path, adapter, base_model
+
+
+def _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning) -> str:
+    explicit_4bit = load_in_4bit is not _UNSET and bool(load_in_4bit)
+    chosen = [name for name, on in (("load_in_4bit", explicit_4bit), ("load_in_8bit", load_in_8bit),
+                                    ("load_in_16bit", load_in_16bit)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"Choose one of load_in_4bit / load_in_8bit / load_in_16bit, got {' and '.join(chosen)}.")
+    if full_finetuning and (explicit_4bit or load_in_8bit):
+        raise ValueError(
+            f"full_finetuning=True trains every weight and cannot use {chosen[0]}=True; "
+            "drop the quantisation flag or use LoRA (get_peft_model) on the quantised model.")
+    if chosen:
+        return {"load_in_4bit": "4bit", "load_in_8bit": "8bit", "load_in_16bit": "16bit"}[chosen[0]]
+    if full_finetuning or load_in_4bit is not _UNSET:  # load_in_4bit=False given explicitly
+        return "16bit"
+    return "4bit"  # Unsloth's default
+
+
+def _check_max_seq_length(max_seq_length) -> None:
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}.")
+
+
+def _resolve_device(device_map) -> str:
+    if isinstance(device_map, str) and device_map not in ("auto", "cpu", "cuda") and not device_map.startswith("cuda:"):
+        raise ValueError(f"device_map must be 'auto', 'cpu', 'cuda[:N]' or a dict, got {device_map!r}.")
+    if device_map == "cpu":
+        return "cpu"
+    if isinstance(device_map, str) and device_map.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available.")
+        return device_map
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None:
+        if device == "cpu":
+            return torch.float32
+        return torch.bfloat16 if is_bfloat16_supported() else torch.float16
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {dtype!r}.")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}.")
+    if device == "cpu" and dtype is torch.float16:
+        raise ValueError("dtype=torch.float16 is not supported for training on CPU; use torch.float32 or torch.bfloat16.")
+    if device != "cpu" and dtype is torch.bfloat16 and not is_bfloat16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name()} has no native bf16; use dtype=torch.float16 (or None).")
+    return dtype
+
+
+def _resolve_source(model_name) -> _Source:
+    if not isinstance(model_name, (str, os.PathLike)) or not str(model_name):
+        raise ValueError(f"model_name must be a local directory or a Hub id, got {model_name!r}.")
+    name = str(model_name)
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or name.count("/") > 1
+    if not looks_local:
+        return _Source(name)  # a Hub id: from_pretrained reports network problems itself
+    if not path.exists():
+        raise FileNotFoundError(f"Model directory {path} does not exist; pass a local model directory or a Hub id.")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is a file; pass the directory that holds config.json.")
+    if (path / "config.json").is_file():
+        return _Source(str(path))
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.is_file():
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter_config} names no base_model_name_or_path; load the base model, then the adapter.")
+        return _Source(str(path), adapter=True, base_model=base)
+    raise FileNotFoundError(f"{path} has no config.json (nor adapter_config.json); it is not a model directory.")
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+def _load_config(model_name: str, **kwargs):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_name, **kwargs)
+    except OSError as error:
+        raise OSError(
+            f"Could not load {model_name!r}: it is not a local directory and the Hugging Face Hub did not "
+            f"provide it ({str(error).splitlines()[0]}). Check the name and your network (HF_HUB_OFFLINE), "
+            "or pass a local model directory."
+        ) from error
+
+
+def _apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) -> None:
+    """Extend the context the way HF configs express it (linear RoPE scaling, ceil factor)."""
+    text = config.get_text_config()
+    trained = getattr(text, "max_position_embeddings", None)
+    if rope_scaling is None and (trained is None or max_seq_length <= trained):
+        return
+    parameters = dict(getattr(text, "rope_parameters", None) or {})
+    if rope_scaling is not None:
+        parameters.update(rope_scaling)
+    else:
+        factor = math.ceil(max_seq_length / trained)
+        parameters.update({"rope_type": "linear", "factor": float(factor)})
+        logger.info("max_seq_length %d > trained context %d: linear RoPE scaling, factor %d.",
+                    max_seq_length, trained, factor)
+    text.rope_parameters = parameters
+    if trained is not None and max_seq_length > trained:
+        text.max_position_embeddings = max_seq_length
+
+
+def _quantization_config(quant: str, dtype: torch.dtype):
+    if quant == "16bit":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def _ensure_pad_token(tokenizer, model) -> None:
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    choice = next((t for t in _PAD_CANDIDATES if t in vocab and t != tokenizer.eos_token), None)
+    if choice is None and tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        choice = tokenizer.unk_token
+    if choice is None:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        tokenizer.pad_token = choice
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _text_config(model):
+    return model.config.get_text_config()

@@ -1,0 +1,87 @@
+"""Per-instance patching: bind our forwards to the modules of one model object, and undo it.
+
+Nothing here touches a transformers class. Each patched module gets an instance attribute
+``forward`` (a bound method) that shadows its class's ``forward`` for that object alone; a plain
+model created in the same process keeps upstream behaviour. ``unpatch`` deletes those attributes.
+Modules carrying an accelerate hook (``device_map`` dispatch) keep their hook: the hook's saved
+``_old_forward`` is what gets replaced and restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+from torch import nn
+
+from .causal_lm import make_causal_lm_forward
+from .llama import make_attention_forward, mlp_forward, rms_norm_forward
+from .registry import PatchSpec, spec_for
+
+logger = logging.getLogger(__name__)
+
+_PATCHED_ATTR = "_unsloth_like_patched"  # list of (module, attribute name, previous value or None)
+_SUPPORTED_ACTIVATIONS = ("silu", "swish")
+
+
+def is_patched(model: nn.Module) -> bool:
+    return bool(getattr(_root(model), _PATCHED_ATTR, None))
+
+
+def patch_model(model: nn.Module) -> PatchSpec | None:
+    """Patch ``model`` (a CausalLM, or a PEFT model around one) in place; returns the spec used.
+
+    Returns None, with a warning naming the kernels not applied, for an architecture we have no
+    spec for: the model still runs and trains with upstream code.
+    """
+    root = _root(model)
+    model_type = root.config.model_type
+    spec = spec_for(model_type)
+    if spec is None:
+        logger.warning(
+            "unsloth_like has no patch for model_type %r; it runs with upstream code (kernels not "
+            "applied: rms_norm, apply_rope, swiglu, fused_linear_cross_entropy).", model_type)
+        return None
+    if is_patched(root):
+        return spec
+    records: list = []
+    activation = getattr(root.config.get_text_config(), "hidden_act", "silu")
+    attention_forward = make_attention_forward(spec)
+    for module in root.modules():
+        name = type(module).__name__
+        if name == spec.norm:
+            _bind(module, rms_norm_forward, records)
+        elif name == spec.attention:
+            _bind(module, attention_forward, records)
+        elif name == spec.mlp and activation in _SUPPORTED_ACTIVATIONS:
+            _bind(module, mlp_forward, records)
+    if activation not in _SUPPORTED_ACTIVATIONS:
+        logger.warning("hidden_act %r has no fused kernel here; the MLP runs upstream code.", activation)
+    _bind(root, make_causal_lm_forward(type(root).forward), records)
+    setattr(root, _PATCHED_ATTR, records)
+    return spec
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restore the upstream forwards of every module ``patch_model`` touched."""
+    root = _root(model)
+    for module, attribute, previous in reversed(getattr(root, _PATCHED_ATTR, None) or []):
+        if previous is None:
+            del module.__dict__[attribute]
+        else:
+            setattr(module, attribute, previous)
+    if _PATCHED_ATTR in root.__dict__:
+        del root.__dict__[_PATCHED_ATTR]
+
+
+def _bind(module: nn.Module, function, records: list) -> None:
+    # accelerate's hooks move the original forward to `_old_forward` and call it from theirs.
+    attribute = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+    records.append((module, attribute, module.__dict__.get(attribute)))
+    setattr(module, attribute, types.MethodType(function, module))
+
+
+def _root(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
