@@ -1,0 +1,142 @@
+"""Training-step benchmark: upstream transformers (+PEFT) against the patched model, same batch.
+
+    python scripts/bench_train.py                 # CPU: zoo Llama (vocab 32003); GPU: Llama-3.1-8B dims
+    python scripts/bench_train.py --mode full     # full finetuning instead of LoRA
+    python scripts/bench_train.py --out benchmarks/train-cpu.json
+
+Each variant runs in a fresh subprocess on the same seeded weights and batch: a few warm-up
+steps, then timed optimizer steps. Reported: tokens/s, seconds per step and peak memory above
+the loaded model (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). On a GPU the
+model has Llama-3.1-8B's dimensions with random weights (no hub on the benchmark machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _build_model(device: str):
+    import transformers
+
+    from unsloth_like.testing.zoo import load_zoo_model
+
+    if device == "cpu":
+        model, _ = load_zoo_model("llama")
+        return model
+    config = transformers.LlamaConfig(  # Llama-3.1-8B dimensions, random weights
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def run_variant(spec: dict) -> dict:
+    """One variant in this (fresh) process."""
+    from peft import LoraConfig, get_peft_model
+
+    from unsloth_like.models import patch_model
+
+    device = spec["device"]
+    model = _build_model(device)
+    if spec["variant"] == "unsloth_like":
+        patch_model(model)
+    if spec["mode"] == "lora":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))
+    model.train()
+    if spec["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=generator).to(device)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    # Baseline before the first step: optimizer state, gradients and activations all count.
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    for _ in range(spec["warmup"]):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    losses = [step() for _ in range(spec["steps"])]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    tokens = spec["batch"] * spec["seq"] * spec["steps"]
+    return {**spec, "tokens_per_s": tokens / seconds, "s_per_step": seconds / spec["steps"],
+            "peak_mib": peak / 2**20, "losses": losses, "vocab": vocab}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("lora", "full"), default="lora")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--variant-spec", default=None, help=argparse.SUPPRESS)  # internal: one subprocess
+    args = parser.parse_args()
+    if args.variant_spec:
+        print(json.dumps(run_variant(json.loads(args.variant_spec))))
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = {"batch": 8, "seq": 256, "warmup": 2, "steps": 5} if device == "cpu" else \
+        {"batch": 4, "seq": 2048, "warmup": 3, "steps": 10}
+    rows = []
+    for variant in ("hf", "unsloth_like"):
+        spec = {"device": device, "variant": variant, "mode": args.mode, "gradient_checkpointing": device == "cuda",
+                **shape}
+        done = subprocess.run([sys.executable, __file__, "--variant-spec", json.dumps(spec)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"variant {variant} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        row = rows[-1]
+        print(f"{variant:<13} {row['tokens_per_s']:10.0f} tok/s  {row['s_per_step']:7.3f} s/step  "
+              f"peak {row['peak_mib']:9.1f} MiB  loss {row['losses'][0]:.4f} -> {row['losses'][-1]:.4f}", flush=True)
+    hf, ours = rows
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    report = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "mode": args.mode, "results": rows,
+              "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
+              "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"]}
+    print(f"\nours / HF: step time {report['step_time_ratio']:.2f}x, peak memory {report['peak_memory_ratio']:.2f}x")
+    slug = "cpu" if device == "cpu" else name.split()[-1].lower()
+    out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"train-{args.mode}-{slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

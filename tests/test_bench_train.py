@@ -1,0 +1,39 @@
+"""The training benchmark script runs end to end on tiny settings (the real run is by hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.slow
+def test_both_variants_run_the_same_first_step(bench, zoo_cache, monkeypatch):
+    from unsloth_like.kernels import use_backend
+    from unsloth_like.testing import zoo
+
+    real = zoo.load_zoo_model
+    monkeypatch.setattr(zoo, "load_zoo_model", lambda name, **kw: real(name, cache_dir=zoo_cache, **kw))
+    rows = []
+    with use_backend("torch"):  # the interpreter would take minutes; the plumbing is what is tested
+        for variant in ("hf", "unsloth_like"):
+            rows.append(bench.run_variant({"device": "cpu", "variant": variant, "mode": "lora",
+                                           "gradient_checkpointing": False, "batch": 2, "seq": 32,
+                                           "warmup": 1, "steps": 2}))
+    hf, ours = rows
+    assert abs(hf["losses"][0] - ours["losses"][0]) < 1e-4
+    assert all(row["tokens_per_s"] > 0 and row["vocab"] == 32003 for row in rows)
