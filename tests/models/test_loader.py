@@ -112,3 +112,14 @@ def test_hub_id_offline_fails_with_a_clear_message():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
     assert "Could not load 'someorg/no-such-model': it is not a local directory" in done.stderr
+
+
+def test_8bit_load_trains_on_cpu(zoo_cache):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen3", zoo_cache)), load_in_8bit=True)
+    assert any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+    batch = tokenizer(["Describe a red kite."], return_tensors="pt")
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    model.train()
+    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["input_ids"])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and embeds.grad.abs().sum() > 0
