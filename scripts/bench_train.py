@@ -56,6 +56,7 @@ def run_variant(spec: dict) -> dict:
     model = _build_model(device)
     if spec["variant"] == "unsloth_like":
         patch_model(model)
+    torch.manual_seed(0)  # same LoRA initialisation for every variant
     if spec["mode"] == "lora":
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
                                                   task_type="CAUSAL_LM"))

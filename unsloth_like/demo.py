@@ -1,8 +1,9 @@
-"""The built-in end-to-end job: finetune a tiny zoo model with LoRA through TRL and save it.
+"""The built-in end-to-end job: load a tiny zoo model with ``FastLanguageModel``, finetune it with
+LoRA through TRL, and save the adapter.
 
 Runs anywhere (CPU in a few seconds, GPU if present) with nothing downloaded. It is what
 ``make demo`` / ``python -m unsloth_like demo`` runs, and it grows with the library: later stages
-switch it to ``FastLanguageModel``, merged and GGUF exports.
+add ``FastLanguageModel.get_peft_model``, merged and GGUF exports.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import torch
 
 from .env import is_bfloat16_supported
 from .testing.corpus import demo_conversations
-from .testing.zoo import get_spec, load_zoo_model
+from .models.loader import FastLanguageModel
+from .testing.zoo import get_spec, zoo_model_dir
+
+
+_MAX_LENGTH = 128
 
 
 @dataclass
@@ -89,9 +94,10 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
 
     torch.manual_seed(settings.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_zoo_model(settings.architecture, cache_dir=settings.cache_dir)
-    if tokenizer.pad_token is None:  # SentencePiece-style zoo tokenizers ship without one
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        str(zoo_model_dir(settings.architecture, settings.cache_dir)), max_seq_length=_MAX_LENGTH,
+        load_in_4bit=False,  # bitsandbytes' CPU 4-bit path is slow; QLoRA arrives with get_peft_model
+    )
     model = get_peft_model(
         model,
         LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
@@ -113,7 +119,7 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
             save_strategy="no",
             report_to="none",
             seed=settings.seed,
-            max_length=128,
+            max_length=_MAX_LENGTH,
             bf16=is_bfloat16_supported(),
             fp16=False,
             use_cpu=device == "cpu",
