@@ -35,8 +35,21 @@ def test_16bit_load_trains_with_the_fused_loss(zoo_cache):
     out = model(**batch, labels=batch["input_ids"])
     assert out.logits is None and torch.isfinite(out.loss)
     FastLanguageModel.for_inference(model)
-    assert not model.training and model.config.use_cache
+    assert not model.training and model.config.use_cache and tokenizer.padding_side == "left"
     assert model(**batch).logits is not None
+    FastLanguageModel.for_training(model)
+    assert model.training and tokenizer.padding_side == "right"
+
+
+def test_batched_generation_after_for_inference_matches_single_prompts(zoo_cache):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    FastLanguageModel.for_inference(model)
+    prompts = ["What is 3 plus 4?", "Describe a red kite in a few words, please."]
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    batched = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), **kwargs)[:, -6:]
+    for row, prompt in zip(batched, prompts):
+        single = model.generate(**tokenizer([prompt], return_tensors="pt"), **kwargs)[0, -6:]
+        assert torch.equal(row, single)
 
 
 def test_full_finetuning_overrides_the_4bit_default(zoo_cache):

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -94,6 +95,7 @@ class FastLanguageModel:
         tokenizer.padding_side = "right"
         tokenizer.model_max_length = max_seq_length
         model.max_seq_length = max_seq_length
+        _TOKENIZERS[model] = tokenizer
         if cls.patch_architecture:
             patch_model(model)
         if full_finetuning and use_gradient_checkpointing:
@@ -108,16 +110,20 @@ class FastLanguageModel:
 
     @staticmethod
     def for_inference(model):
-        """Eval mode: logits are returned, the KV cache is used by ``generate``."""
+        """Eval mode: logits are returned, ``generate`` uses the KV cache, and the tokenizer loaded
+        with the model pads on the left (batched generation needs the prompts right-aligned)."""
         model.eval()
         _text_config(model).use_cache = True
+        _set_padding_side(model, "left")
         return model
 
     @staticmethod
     def for_training(model):
-        """Training mode again: the loss comes from the fused kernel, logits only on demand."""
+        """Training mode again: the loss comes from the fused kernel, logits only on demand, and
+        the tokenizer pads on the right."""
         model.train()
         _text_config(model).use_cache = False
+        _set_padding_side(model, "right")
         return model
 
     @staticmethod
@@ -281,3 +287,15 @@ def _ensure_pad_token(tokenizer, model) -> None:
 
 def _text_config(model):
     return model.config.get_text_config()
+
+
+# The tokenizer each loaded model came with, so for_inference/for_training can set its padding
+# side (Unsloth's calls take only the model). Weak keys: the entry dies with the model.
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _set_padding_side(model, side: str) -> None:
+    get_base = getattr(model, "get_base_model", None)
+    tokenizer = _TOKENIZERS.get(get_base() if callable(get_base) else model)
+    if tokenizer is not None:
+        tokenizer.padding_side = side
