@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
+
+
+def _execute(nbformat, nbclient, path, workdir):
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(workdir)}})
+    client.execute()
+    return notebook
+
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -18,12 +28,15 @@ def test_there_are_notebooks():
 def test_notebook_runs(path, tmp_path, zoo_cache, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="install the [dev] extra to run notebooks")
     nbclient = pytest.importorskip("nbclient", reason="install the [dev] extra to run notebooks")
-    notebook = nbformat.read(path, as_version=4)
     # The kernel inherits the environment: keep its zoo builds inside this test run's cache.
     monkeypatch.setenv("XDG_CACHE_HOME", str(zoo_cache / "xdg"))
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    try:
+        notebook = _execute(nbformat, nbclient, path, tmp_path)
+    except nbclient.exceptions.DeadKernelError:
+        # Seen once in four clean CI runs (2026-11-30): the kernel process segfaulted inside libc,
+        # not in notebook code, and the rerun passed. One retry; a second death fails the test.
+        warnings.warn(f"the kernel running {path.name} died; retrying once", RuntimeWarning)
+        notebook = _execute(nbformat, nbclient, path, tmp_path)
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "loss " in text and "->" in text
