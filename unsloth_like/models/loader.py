@@ -112,19 +112,13 @@ class FastLanguageModel:
     def for_inference(model):
         """Eval mode: logits are returned, ``generate`` uses the KV cache, and the tokenizer loaded
         with the model pads on the left (batched generation needs the prompts right-aligned)."""
-        model.eval()
-        _text_config(model).use_cache = True
-        _set_padding_side(model, "left")
-        return model
+        return _set_mode(model, training=False)
 
     @staticmethod
     def for_training(model):
         """Training mode again: the loss comes from the fused kernel, logits only on demand, and
         the tokenizer pads on the right."""
-        model.train()
-        _text_config(model).use_cache = False
-        _set_padding_side(model, "right")
-        return model
+        return _set_mode(model, training=True)
 
     @staticmethod
     def unpatch(model):
@@ -285,17 +279,16 @@ def _ensure_pad_token(tokenizer, model) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _text_config(model):
-    return model.config.get_text_config()
-
-
 # The tokenizer each loaded model came with, so for_inference/for_training can set its padding
 # side (Unsloth's calls take only the model). Weak keys: the entry dies with the model.
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _set_padding_side(model, side: str) -> None:
+def _set_mode(model, training: bool):
+    model.train(training)
+    model.config.get_text_config().use_cache = not training
     get_base = getattr(model, "get_base_model", None)
     tokenizer = _TOKENIZERS.get(get_base() if callable(get_base) else model)
     if tokenizer is not None:
-        tokenizer.padding_side = side
+        tokenizer.padding_side = "right" if training else "left"
+    return model
