@@ -77,7 +77,8 @@ def _gated_forward_kernel(GATE, UP, OUT, n, ACTIVATION: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _gated_backward_kernel(DOUT, GATE, UP, DGATE, DUP, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_backward_kernel(DOUT, GATE, UP, DGATE, DUP, OUT, n, ACTIVATION: tl.constexpr, STORE_OUT: tl.constexpr,
+                           BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     dout = tl.load(DOUT + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -87,28 +88,75 @@ def _gated_backward_kernel(DOUT, GATE, UP, DGATE, DUP, n, ACTIVATION: tl.constex
     act = act.to(DUP.dtype.element_ty).to(tl.float32)
     tl.store(DUP + offsets, (dout * act).to(DUP.dtype.element_ty), mask=mask)
     tl.store(DGATE + offsets, (dout * u * dact).to(DGATE.dtype.element_ty), mask=mask)
+    if STORE_OUT:  # the forward output, recomputed for free (the fused LoRA MLP needs it)
+        tl.store(OUT + offsets, (act * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # names for the primitives below
+_KERNEL_ACTIVATION = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) * up`` without autograd (for fused autograd Functions that save their own
+    tensors). ``activation``: ``"silu"``, ``"gelu"`` (erf) or ``"gelu_tanh"``."""
+    _check_activation(activation)
+    if select_backend(gate, up) is Backend.TORCH or gate.numel() == 0:
+        return _torch_activation(gate, activation) * up
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    _gated_forward_kernel[(triton.cdiv(n, _BLOCK),)](
+        gate, up, out, n, ACTIVATION=_KERNEL_ACTIVATION[activation], BLOCK=_BLOCK)
+    return out
+
+
+def gated_activation_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu",
+                              need_out: bool = False):
+    """Gradients of ``act(gate) * up``: returns ``(dgate, dup, out)``, where ``out`` is the
+    forward output recomputed in the same pass when ``need_out`` (else None)."""
+    _check_activation(activation)
+    if select_backend(dout, gate, up) is Backend.TORCH or gate.numel() == 0:
+        # The same aten ops autograd runs for the reference, so results equal it bit for bit.
+        act = _torch_activation(gate, activation)
+        dup = dout * act
+        grad_act = dout * up
+        if activation == "silu":
+            dgate = torch.ops.aten.silu_backward(grad_act, gate)
+        else:
+            dgate = torch.ops.aten.gelu_backward(grad_act, gate, approximate="none" if activation == "gelu" else "tanh")
+        return dgate, dup, (act * up if need_out else None)
+    gate, up, dout = gate.contiguous(), up.contiguous(), dout.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    out = torch.empty_like(gate) if need_out else dgate  # any valid pointer when not stored
+    n = gate.numel()
+    _gated_backward_kernel[(triton.cdiv(n, _BLOCK),)](
+        dout, gate, up, dgate, dup, out, n, ACTIVATION=_KERNEL_ACTIVATION[activation], STORE_OUT=need_out,
+        BLOCK=_BLOCK)
+    return dgate, dup, (out if need_out else None)
+
+
+def _torch_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(gate)
+    return F.gelu(gate, approximate="none" if activation == "gelu" else "tanh")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
 
 
 class _GatedActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
-        gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate)
-        n = gate.numel()
-        _gated_forward_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, ACTIVATION=activation, BLOCK=_BLOCK)
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
-        return out
+        return gated_activation_forward(gate, up, activation)
 
     @staticmethod
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        dout = dout.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        _gated_backward_kernel[(triton.cdiv(n, _BLOCK),)](
-            dout, gate, up, dgate, dup, n, ACTIVATION=ctx.activation, BLOCK=_BLOCK
-        )
+        dgate, dup, _ = gated_activation_backward(dout, gate, up, ctx.activation)
         return dgate, dup, None
 
 
@@ -117,7 +165,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _validate(gate, up)
     if select_backend(gate, up) is Backend.TORCH or gate.numel() == 0:
         return swiglu_reference(gate, up)
-    return _GatedActivationFunction.apply(gate, up, 0)
+    return _GatedActivationFunction.apply(gate, up, "silu")
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -127,7 +175,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none") -> to
     _validate(gate, up)
     if select_backend(gate, up) is Backend.TORCH or gate.numel() == 0:
         return geglu_reference(gate, up, approximate)
-    return _GatedActivationFunction.apply(gate, up, 1 if approximate == "none" else 2)
+    return _GatedActivationFunction.apply(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
 
 
 def _validate(gate: torch.Tensor, up: torch.Tensor) -> None:
