@@ -10,8 +10,11 @@ upstream's ``ForCausalLMLoss`` exactly: labels shifted left with ``ignore_index`
 Everywhere else the upstream class forward runs (with our patched layers underneath) and returns
 real logits: in eval mode (``Trainer.evaluate``, ``compute_metrics``), in ``generate``, without
 labels, under ``torch.no_grad()``, when the caller passes ``return_logits=True``, or when
-``model.config.unsloth_return_logits`` is True. An lm_head that is not a plain ``nn.Linear``
-(e.g. a LoRA-adapted one) also takes the upstream path, so no adapter is ever skipped.
+``model.config.unsloth_return_logits`` is True. The fused loss uses the lm_head's weight directly
+when it is a plain ``nn.Linear``, or PEFT's ``modules_to_save`` copy of one (the copy of the
+active adapter, or the original when adapters are disabled: exactly what PEFT's wrapper would
+call). Any other lm_head (LoRA on it, trainable-token wrappers, hooks) takes the upstream path,
+so no adapter is ever skipped.
 """
 
 from __future__ import annotations
@@ -35,27 +38,41 @@ def make_causal_lm_forward(upstream_forward):
     def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, *args,
                           labels=None, logits_to_keep=0, return_logits=None, **kwargs):
         wants_logits = return_logits or getattr(self.config, RETURN_LOGITS_CONFIG_FLAG, False)
-        fused = (labels is not None and self.training and torch.is_grad_enabled() and not wants_logits
-                 and _fusable_lm_head(self.lm_head))
-        if not fused:
+        lm_head = None
+        if labels is not None and self.training and torch.is_grad_enabled() and not wants_logits:
+            lm_head = _fusable_lm_head(self.lm_head)
+        if lm_head is None:
             return upstream_forward(self, input_ids, attention_mask, position_ids, *args, labels=labels,
                                     logits_to_keep=logits_to_keep, **kwargs)
-        return _fused_loss_forward(self, input_ids, attention_mask, position_ids, args, labels, logits_to_keep, kwargs)
+        return _fused_loss_forward(self, lm_head, input_ids, attention_mask, position_ids, args, labels,
+                                   logits_to_keep, kwargs)
 
     return causal_lm_forward
 
 
-def _fusable_lm_head(lm_head) -> bool:
-    if type(lm_head) is nn.Linear:
-        return True
+def _fusable_lm_head(lm_head) -> nn.Linear | None:
+    """The ``nn.Linear`` the lm_head's forward would run, or None when that is not one linear."""
+    inner = _modules_to_save_target(lm_head) if type(lm_head).__name__ == "ModulesToSaveWrapper" else lm_head
+    if type(inner) is nn.Linear and not (inner._forward_hooks or inner._forward_pre_hooks):
+        return inner
     if not getattr(lm_head, "_unsloth_like_warned", False):
         logger.info("lm_head is %s, not a plain nn.Linear: the loss uses full logits (upstream path).",
                     type(lm_head).__name__)
         lm_head._unsloth_like_warned = True
-    return False
+    return None
 
 
-def _fused_loss_forward(self, input_ids, attention_mask, position_ids, args, labels, logits_to_keep, kwargs):
+def _modules_to_save_target(wrapper):
+    """What PEFT's ``ModulesToSaveWrapper.forward`` calls (None when hooks may change that)."""
+    if wrapper._forward_hooks or wrapper._forward_pre_hooks:  # e.g. adapter_names for a mixed batch
+        return None
+    active = wrapper.active_adapters
+    if wrapper.disable_adapters or not active or any(a not in wrapper._adapters for a in active):
+        return wrapper.original_module
+    return wrapper.modules_to_save[active[0]]
+
+
+def _fused_loss_forward(self, lm_head, input_ids, attention_mask, position_ids, args, labels, logits_to_keep, kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -69,9 +86,9 @@ def _fused_loss_forward(self, input_ids, attention_mask, position_ids, args, lab
     text_config = self.config.get_text_config()
     loss = fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]),
-        self.lm_head.weight,
+        lm_head.weight,
         shift_labels.reshape(-1).to(hidden.device),
-        bias=self.lm_head.bias,
+        bias=lm_head.bias,
         ignore_index=ignore_index,
         softcap=getattr(text_config, "final_logit_softcapping", None),
         reduction="mean",

@@ -11,8 +11,9 @@ upstream computes, through our kernels:
   and the KV cache behave as upstream;
 * gated MLP -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))``.
 
-Projections are called as modules (``self.q_proj(x)``), so PEFT's LoRA layers that replace them
-keep working unchanged.
+Projections under LoRA take the fused path (``kernels.lora``: QKV in one read of X, O, and the
+whole gated MLP) whenever ``lora_fusion`` finds it an exact replacement for PEFT's modules;
+otherwise they are called as modules (``self.q_proj(x)``), so PEFT's layers run unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import torch
 
 from ..kernels import apply_rope, rms_norm, swiglu
+from .lora_fusion import fused_mlp, fused_o, fused_qkv
 from .registry import PatchSpec
 
 
@@ -30,6 +32,9 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    fused = fused_mlp(self, x, "silu")
+    if fused is not None:
+        return fused
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -41,12 +46,13 @@ def make_attention_forward(spec: PatchSpec):
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
+        qkv = fused_qkv(self, hidden_states)
+        if qkv is None:
+            qkv = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query, key, value = (t.view(hidden_shape) for t in qkv)
         if spec.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
         cos, sin = position_embeddings
         query, key = apply_rope(query, key, cos, sin)
@@ -68,7 +74,8 @@ def make_attention_forward(spec: PatchSpec):
             scaling=self.scaling, **extra, **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        output = fused_o(self, attn_output)
+        return (self.o_proj(attn_output) if output is None else output), attn_weights
 
     return attention_forward
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from ..env import is_bfloat16_supported
+from .checkpointing import check_mode, set_gradient_checkpointing
+from .lora import get_peft_model
 from .patching import patch_model, unpatch
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class FastLanguageModel:
         attn_implementation: str | None = None,
         **kwargs,
     ):
+        check_mode(use_gradient_checkpointing)
         quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning)
         _check_max_seq_length(max_seq_length)
         device = _resolve_device(device_map)
@@ -98,15 +101,18 @@ class FastLanguageModel:
         _TOKENIZERS[model] = tokenizer
         if cls.patch_architecture:
             patch_model(model)
-        if full_finetuning and use_gradient_checkpointing:
-            # transformers >= 5.2x renamed it; older releases only have the gradient_ name
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
+        if full_finetuning:
+            set_gradient_checkpointing(model, use_gradient_checkpointing)
         if adapter_dir is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
         return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(model, *args, **kwargs):
+        """Add LoRA adapters; returns a ``peft.PeftModel`` (see ``unsloth_like.models.lora``)."""
+        return get_peft_model(model, *args, **kwargs)
 
     @staticmethod
     def for_inference(model):

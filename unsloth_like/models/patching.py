@@ -16,6 +16,7 @@ from torch import nn
 
 from .causal_lm import make_causal_lm_forward
 from .llama import make_attention_forward, mlp_forward, rms_norm_forward
+from .lora_fusion import MLP, QKV, attach_fusion_log, fusion_report
 from .registry import PatchSpec, spec_for
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def patch_model(model: nn.Module) -> PatchSpec | None:
             _bind(module, attention_forward, records)
         elif name == spec.mlp and activation in _SUPPORTED_ACTIVATIONS:
             _bind(module, mlp_forward, records)
+    attach_fusion_log(lora_groups(model))
     if activation not in _SUPPORTED_ACTIVATIONS:
         logger.warning("hidden_act %r has no fused kernel here; the MLP runs upstream code.", activation)
     _bind(root, make_causal_lm_forward(type(root).forward), records)
@@ -72,6 +74,33 @@ def unpatch(model: nn.Module) -> None:
             setattr(module, attribute, previous)
     if _PATCHED_ATTR in root.__dict__:
         del root.__dict__[_PATCHED_ATTR]
+
+
+def lora_groups(model: nn.Module) -> dict:
+    """The fused-LoRA groups of a patched model: ``{name: (owner module, projection names)}``,
+    e.g. ``"model.layers.0.self_attn.qkv"`` -> the attention module and ``("q_proj", "k_proj",
+    "v_proj")``. Names are relative to ``model`` as given (a PEFT model's include its prefix)."""
+    spec = spec_for(_root(model).config.model_type)
+    groups = {}
+    if spec is None:
+        return groups
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind == spec.attention and _is_bound(module):
+            groups[f"{name}.qkv"] = (module, QKV)
+            groups[f"{name}.o_proj"] = (module, ("o_proj",))
+        elif kind == spec.mlp and _is_bound(module):
+            groups[name] = (module, MLP)
+    return groups
+
+
+def _is_bound(module: nn.Module) -> bool:
+    return any(isinstance(module.__dict__.get(a), types.MethodType) for a in ("forward", "_old_forward"))
+
+
+def lora_fusion_report(model: nn.Module) -> dict[str, str]:
+    """For each attention/MLP projection group: ``"fused"`` or why PEFT's modules run instead."""
+    return fusion_report(lora_groups(model))
 
 
 def _bind(module: nn.Module, function, records: list) -> None:
