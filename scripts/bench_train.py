@@ -1,13 +1,19 @@
-"""Training-step benchmark: upstream transformers (+PEFT) against the patched model, same batch.
+"""Training-step benchmark: upstream transformers + PEFT against ours, same weights and batch.
 
-    python scripts/bench_train.py                 # CPU: zoo Llama (vocab 32003); GPU: Llama-3.1-8B dims
-    python scripts/bench_train.py --mode full     # full finetuning instead of LoRA
+    python scripts/bench_train.py                 # LoRA r=16 all linear. CPU: zoo Llama; GPU: Llama-3.1-8B dims
+    python scripts/bench_train.py --mode qlora    # the same on an NF4 (bitsandbytes) base
+    python scripts/bench_train.py --mode full     # full finetuning
+    python scripts/bench_train.py --max-seq       # GPU: also the longest sequence that fits at batch 1
     python scripts/bench_train.py --out benchmarks/train-cpu.json
 
-Each variant runs in a fresh subprocess on the same seeded weights and batch: a few warm-up
-steps, then timed optimizer steps. Reported: tokens/s, seconds per step and peak memory above
-the loaded model (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). On a GPU the
-model has Llama-3.1-8B's dimensions with random weights (no hub on the benchmark machines).
+Variants: ``hf`` is the plain model with ``peft.get_peft_model`` (standard gradient checkpointing
+on GPU, as users run it); ``unsloth_like`` is ``FastLanguageModel.get_peft_model`` on the patched
+model (fused LoRA, fused loss, ``use_gradient_checkpointing="unsloth"`` on GPU). Each variant runs
+in a fresh subprocess on the same seeded weights and batch: a few warm-up steps, then timed
+optimizer steps. Reported: tokens/s, seconds per step and peak memory above the loaded model
+(peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). On a GPU the model has
+Llama-3.1-8B's dimensions with random weights (no hub on the benchmark machines); its 4-bit form
+quantises those weights with bitsandbytes (NF4, double quantisation), as a 4-bit load would.
 """
 
 from __future__ import annotations
@@ -29,13 +35,13 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def _build_model(device: str):
+def _build_model(device: str, quantized: bool = False):
     import transformers
 
     from unsloth_like.testing.zoo import load_zoo_model
 
     if device == "cpu":
-        model, _ = load_zoo_model("llama")
+        model, _ = load_zoo_model("llama", load_in_4bit=quantized)
         return model
     config = transformers.LlamaConfig(  # Llama-3.1-8B dimensions, random weights
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -43,26 +49,65 @@ def _build_model(device: str):
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if quantized:
+        _quantize_decoder_linears(model)
+    return model
+
+
+def _quantize_decoder_linears(model) -> None:
+    """Replace the decoder's nn.Linear layers by bitsandbytes NF4 ones holding the same weights."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=child.weight.dtype, compress_statistics=True,
+                                              quant_type="nf4", device="meta")
+                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                                     compress_statistics=True, quant_type="nf4").to(child.weight.device)
+                if child.bias is not None:
+                    quantized.bias = child.bias
+                setattr(parent, name, quantized)
+        torch.cuda.empty_cache()
+
+
+def _add_adapters(model, spec: dict):
+    from peft import LoraConfig, get_peft_model
+
+    from unsloth_like import FastLanguageModel
+    from unsloth_like.models import patch_model
+
+    checkpointing = spec["gradient_checkpointing"]
+    if spec["variant"] == "unsloth_like":
+        patch_model(model)
+        if spec["mode"] == "full":
+            if checkpointing:
+                from unsloth_like.models.checkpointing import set_gradient_checkpointing
+
+                set_gradient_checkpointing(model, "unsloth")
+            return model
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules="all-linear",
+                                                random_state=0,
+                                                use_gradient_checkpointing="unsloth" if checkpointing else False)
+    if spec["mode"] != "full":
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def run_variant(spec: dict) -> dict:
     """One variant in this (fresh) process."""
-    from peft import LoraConfig, get_peft_model
-
-    from unsloth_like.models import patch_model
-
     device = spec["device"]
-    model = _build_model(device)
-    if spec["variant"] == "unsloth_like":
-        patch_model(model)
-    torch.manual_seed(0)  # same LoRA initialisation for every variant
-    if spec["mode"] == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
-                                                  task_type="CAUSAL_LM"))
+    # Both variants seed 0 right before creating adapters: identical initial adapters.
+    model = _add_adapters(_build_model(device, quantized=spec["mode"] == "qlora"), spec)
     model.train()
-    if spec["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -99,9 +144,31 @@ def run_variant(spec: dict) -> dict:
             "peak_mib": peak / 2**20, "losses": losses, "vocab": vocab}
 
 
+def _run_subprocess(spec: dict) -> dict | None:
+    """Run one variant in a fresh process; None when it ran out of device memory."""
+    done = subprocess.run([sys.executable, __file__, "--variant-spec", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode != 0:
+        if "out of memory" in done.stderr.lower():
+            return None
+        raise SystemExit(f"variant {spec['variant']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _longest_sequence(base_spec: dict, start: int = 2048, limit: int = 262144) -> int | None:
+    """The longest power-of-two sequence (from ``start``) whose batch-1 step fits in memory."""
+    fitted = None
+    seq = start
+    while seq <= limit:
+        if _run_subprocess({**base_spec, "batch": 1, "seq": seq, "warmup": 0, "steps": 1}) is None:
+            break
+        fitted, seq = seq, seq * 2
+    return fitted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("lora", "full"), default="lora")
+    parser.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
+    parser.add_argument("--max-seq", action="store_true", help="GPU: also find the longest batch-1 sequence that fits")
     parser.add_argument("--out", default=None)
     parser.add_argument("--variant-spec", default=None, help=argparse.SUPPRESS)  # internal: one subprocess
     args = parser.parse_args()
@@ -110,26 +177,28 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = {"batch": 8, "seq": 256, "warmup": 2, "steps": 5} if device == "cpu" else \
-        {"batch": 4, "seq": 2048, "warmup": 3, "steps": 10}
+        {"batch": 2, "seq": 2048, "warmup": 3, "steps": 10}
     rows = []
     for variant in ("hf", "unsloth_like"):
-        spec = {"device": device, "variant": variant, "mode": args.mode, "gradient_checkpointing": device == "cuda",
-                **shape}
-        done = subprocess.run([sys.executable, __file__, "--variant-spec", json.dumps(spec)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"variant {variant} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        row = rows[-1]
+        spec = {"device": device, "variant": variant, "mode": args.mode, "gradient_checkpointing": device == "cuda"}
+        row = _run_subprocess({**spec, **shape})
+        if row is None:
+            raise SystemExit(f"variant {variant} ran out of memory at batch {shape['batch']} x {shape['seq']}.")
+        if args.max_seq and device == "cuda":
+            row["max_seq_batch1"] = _longest_sequence(spec)
+        rows.append(row)
         print(f"{variant:<13} {row['tokens_per_s']:10.0f} tok/s  {row['s_per_step']:7.3f} s/step  "
-              f"peak {row['peak_mib']:9.1f} MiB  loss {row['losses'][0]:.4f} -> {row['losses'][-1]:.4f}", flush=True)
+              f"peak {row['peak_mib']:9.1f} MiB  loss {row['losses'][0]:.4f} -> {row['losses'][-1]:.4f}"
+              + (f"  max seq {row['max_seq_batch1']}" if "max_seq_batch1" in row else ""), flush=True)
     hf, ours = rows
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     report = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "mode": args.mode, "results": rows,
+              "tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
               "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
               "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"]}
-    print(f"\nours / HF: step time {report['step_time_ratio']:.2f}x, peak memory {report['peak_memory_ratio']:.2f}x")
+    print(f"\nours / HF: tokens/s {report['tokens_per_s_ratio']:.2f}x, step time {report['step_time_ratio']:.2f}x, "
+          f"peak memory {report['peak_memory_ratio']:.2f}x")
     slug = "cpu" if device == "cpu" else name.split()[-1].lower()
     out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"train-{args.mode}-{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ def bench():
 
 
 @pytest.mark.slow
-def test_both_variants_run_the_same_first_step(bench, zoo_cache, monkeypatch):
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_both_variants_run_the_same_first_step(mode, bench, zoo_cache, monkeypatch):
     from unsloth_like.kernels import use_backend
     from unsloth_like.testing import zoo
 
@@ -31,9 +32,21 @@ def test_both_variants_run_the_same_first_step(bench, zoo_cache, monkeypatch):
     rows = []
     with use_backend("torch"):  # the interpreter would take minutes; the plumbing is what is tested
         for variant in ("hf", "unsloth_like"):
-            rows.append(bench.run_variant({"device": "cpu", "variant": variant, "mode": "lora",
+            rows.append(bench.run_variant({"device": "cpu", "variant": variant, "mode": mode,
                                            "gradient_checkpointing": False, "batch": 2, "seq": 32,
                                            "warmup": 1, "steps": 2}))
     hf, ours = rows
     assert abs(hf["losses"][0] - ours["losses"][0]) < 1e-4
     assert all(row["tokens_per_s"] > 0 and row["vocab"] == 32003 for row in rows)
+
+
+def test_longest_sequence_doubles_until_out_of_memory(bench, monkeypatch):
+    tried = []
+
+    def fake(spec):
+        tried.append(spec["seq"])
+        return None if spec["seq"] > 8192 else {"tokens_per_s": 1.0}
+
+    monkeypatch.setattr(bench, "_run_subprocess", fake)
+    assert bench._longest_sequence({"variant": "hf"}) == 8192
+    assert tried == [2048, 4096, 8192, 16384]

@@ -30,6 +30,9 @@ def test_notebook_runs(path, tmp_path, zoo_cache, monkeypatch):
     nbclient = pytest.importorskip("nbclient", reason="install the [dev] extra to run notebooks")
     # The kernel inherits the environment: keep its zoo builds inside this test run's cache.
     monkeypatch.setenv("XDG_CACHE_HOME", str(zoo_cache / "xdg"))
+    # ...but not the Triton interpreter conftest switched on for this process: a notebook user on
+    # CPU runs the kernels' torch references (the interpreter would take minutes per step).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     try:
         notebook = _execute(nbformat, nbclient, path, tmp_path)
     except nbclient.exceptions.DeadKernelError:

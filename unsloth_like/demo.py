@@ -1,9 +1,10 @@
-"""The built-in end-to-end job: load a tiny zoo model with ``FastLanguageModel``, finetune it with
-LoRA through TRL, and save the adapter.
+"""The built-in end-to-end job: load a tiny zoo model with ``FastLanguageModel``, add LoRA with
+``FastLanguageModel.get_peft_model`` (fused LoRA path, offloaded checkpointing on GPU), finetune
+it through TRL's ``SFTTrainer``, and save the adapter.
 
 Runs anywhere (CPU in a few seconds, GPU if present) with nothing downloaded. It is what
 ``make demo`` / ``python -m unsloth_like demo`` runs, and it grows with the library: later stages
-add ``FastLanguageModel.get_peft_model``, merged and GGUF exports.
+add merged and GGUF exports.
 """
 
 from __future__ import annotations
@@ -89,19 +90,17 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
     _check_settings(settings)  # fail before anything is built or trained
 
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(settings.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = FastLanguageModel.from_pretrained(
         str(zoo_model_dir(settings.architecture, settings.cache_dir)), max_seq_length=_MAX_LENGTH,
-        load_in_4bit=False,  # bitsandbytes' CPU 4-bit path is slow; QLoRA arrives with get_peft_model
+        load_in_4bit=False,  # bitsandbytes' CPU 4-bit path is slow; a GPU run could use QLoRA
     )
-    model = get_peft_model(
-        model,
-        LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
-                   target_modules="all-linear", task_type="CAUSAL_LM"),
+    model = FastLanguageModel.get_peft_model(
+        model, r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
+        target_modules="all-linear", random_state=settings.seed, use_gradient_checkpointing="unsloth",
     )
     dataset = Dataset.from_dict({"messages": demo_conversations(settings.n_conversations, seed=settings.seed)})
 

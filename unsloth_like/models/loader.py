@@ -89,7 +89,8 @@ class FastLanguageModel:
             load_kwargs["quantization_config"] = quantization_config
         model = transformers.AutoModelForCausalLM.from_pretrained(model_name, **load_kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            adapter_dir or model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+            _tokenizer_source(adapter_dir, model_name), token=token, revision=revision,
+            trust_remote_code=trust_remote_code)
 
         if fix_tokenizer:
             _ensure_pad_token(tokenizer, model)
@@ -219,6 +220,14 @@ def _resolve_source(model_name) -> _Source:
             raise ValueError(f"{adapter_config} names no base_model_name_or_path; load the base model, then the adapter.")
         return _Source(str(path), adapter=True, base_model=base)
     raise FileNotFoundError(f"{path} has no config.json (nor adapter_config.json); it is not a model directory.")
+
+
+def _tokenizer_source(adapter_dir: str | None, model_name: str) -> str:
+    """An adapter directory's own tokenizer when it saved one (Unsloth's notebooks do, e.g. with
+    added tokens), else the base model's: ``PeftModel.save_pretrained`` alone writes none."""
+    if adapter_dir is not None and any((Path(adapter_dir) / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
+        return adapter_dir
+    return model_name
 
 
 # --- configuration --------------------------------------------------------------------------------
