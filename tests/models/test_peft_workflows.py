@@ -51,6 +51,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 def _lora_config() -> LoraConfig:
     return LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), task_type="CAUSAL_LM")
 
