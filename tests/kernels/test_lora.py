@@ -25,6 +25,7 @@ from unsloth_like.kernels import (
 from .tolerances import assert_close_dtype, assert_close_normwise
 
 bnb_f = pytest.importorskip("bitsandbytes.functional")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton on a GPU, the interpreter on CPU
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,27 +38,27 @@ def _one_cpu_thread():
 
 def _projection(out_f, in_f, rank, *, dtype, adapter_dtype=None, nf4=False, bias=False, scaling=0.75, seed=0):
     g = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(out_f, in_f, generator=g) * in_f ** -0.5).to(dtype)
+    weight = (torch.randn(out_f, in_f, generator=g) * in_f ** -0.5).to(dtype).to(DEVICE)
     quant_state = None
     if nf4:
         weight, quant_state = bnb_f.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True,
                                                   quant_storage=torch.uint8)
-    b = (torch.randn(out_f, generator=g) * 0.1).to(dtype) if bias else None
+    b = (torch.randn(out_f, generator=g) * 0.1).to(dtype).to(DEVICE) if bias else None
     lora_A = lora_B = None
     if rank:
         adapter_dtype = adapter_dtype or dtype
-        lora_A = (torch.randn(rank, in_f, generator=g) * 0.2).to(adapter_dtype).requires_grad_()
-        lora_B = (torch.randn(out_f, rank, generator=g) * 0.2).to(adapter_dtype).requires_grad_()
+        lora_A = (torch.randn(rank, in_f, generator=g) * 0.2).to(adapter_dtype).to(DEVICE).requires_grad_()
+        lora_B = (torch.randn(out_f, rank, generator=g) * 0.2).to(adapter_dtype).to(DEVICE).requires_grad_()
     return Projection(weight, b, quant_state, dtype if nf4 else None, lora_A, lora_B, scaling)
 
 
 def _input(shape, dtype, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).requires_grad_()
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE).requires_grad_()
 
 
 def _grads(outputs, inputs, seed=2):
     g = torch.Generator().manual_seed(seed)
-    cotangents = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outputs]
+    cotangents = [torch.randn(o.shape, generator=g).to(o.dtype).to(o.device) for o in outputs]
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     return torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
 
@@ -134,7 +135,7 @@ def test_partial_adapters_and_frozen_input():
     q = _projection(40, 64, 4, dtype=torch.float32, seed=1)
     k = _projection(16, 64, 0, dtype=torch.float32, seed=2)
     v = _projection(16, 64, 4, dtype=torch.float32, seed=3)
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, device=DEVICE)
     fused, ref = lora_qkv(x, q, k, v), lora_projections_reference(x, q, k, v)
     inputs = _trainables(x, (q, k, v))[1:]
     _compare(fused, ref, _grads(fused, inputs), _grads(ref, inputs), torch.float32)
@@ -152,7 +153,7 @@ def test_autocast_matches_reference_under_autocast():
     backward re-enters the forward's autocast state, so gradients match autograd's."""
     projections = [_projection(48, 64, 4, dtype=torch.float32, seed=s) for s in (1, 2)]
     x = _input((4, 64), torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         fused = lora_projections(x, *projections)
         ref = lora_projections_reference(x, *projections)
     assert fused[0].dtype == ref[0].dtype == torch.bfloat16
@@ -177,12 +178,12 @@ def test_nothing_dequantised_is_saved():
 def test_bad_input_is_refused():
     p = _projection(16, 32, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="expects 32"):
-        lora_linear(torch.randn(3, 31), p)
+        lora_linear(torch.randn(3, 31, device=DEVICE), p)
     with pytest.raises(ValueError, match="together"):
-        lora_linear(torch.randn(3, 32), Projection(p.weight, lora_A=p.lora_A))
+        lora_linear(torch.randn(3, 32, device=DEVICE), Projection(p.weight, lora_A=p.lora_A))
     with pytest.raises(ValueError, match="activation must be one of"):
-        lora_mlp(torch.randn(3, 32), p, p, p, activation="relu")
+        lora_mlp(torch.randn(3, 32, device=DEVICE), p, p, p, activation="relu")
     with pytest.raises(ValueError, match="do not chain"):
-        lora_mlp(torch.randn(3, 32), p, p, p)
+        lora_mlp(torch.randn(3, 32, device=DEVICE), p, p, p)
     with pytest.raises(TypeError, match="floating-point"):
-        lora_linear(torch.ones(3, 32, dtype=torch.long), p)
+        lora_linear(torch.ones(3, 32, dtype=torch.long, device=DEVICE), p)

@@ -124,6 +124,28 @@ def test_partial_targets_and_layers(zoo_cache):
     _assert_same_training_step(fast, plain, _batch(tokenizer))
 
 
+OPTIONS = [  # LoraConfig options beyond the usual ones: each works, fused or not, and equals plain PEFT
+    pytest.param({"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"down_proj": 4}}, "fused", id="rank-alpha-pattern"),
+    pytest.param({"use_rslora": True, "lora_alpha": 32}, "fused", id="rslora"),
+    pytest.param({"exclude_modules": ["o_proj"]}, "fused", id="exclude-modules"),
+    pytest.param({"init_lora_weights": "gaussian"}, "fused", id="init-gaussian"),
+    pytest.param({"init_lora_weights": "pissa"}, "fused", id="init-pissa"),
+    pytest.param({"init_lora_weights": "olora"}, "fused", id="init-olora"),
+    pytest.param({"layer_replication": [[0, 2], [1, 3]]}, "fused", id="layer-replication"),
+    pytest.param({"trainable_token_indices": [5, 17]}, "fused", id="trainable-tokens"),
+]
+
+
+@pytest.mark.parametrize("options, expected", OPTIONS)
+def test_other_lora_options_work_and_match_plain_peft(options, expected, zoo_cache):
+    fast, plain, tokenizer = _pair("llama", zoo_cache, **options)
+    states = set(lora_fusion_report(fast).values()) - {"no adapter in the group"}
+    assert states == {expected}
+    if "layer_replication" in options:  # 4 decoder layers now, every one patched
+        assert len(lora_fusion_report(fast)) == 3 * 4
+    _assert_same_training_step(fast, plain, _batch(tokenizer))
+
+
 FALLBACKS = [
     pytest.param({"lora_dropout": 0.1}, "lora_dropout > 0", id="dropout"),
     pytest.param({"use_dora": True}, "DoraLinearVariant", id="dora"),
@@ -199,12 +221,17 @@ def test_modules_to_save_trains_embeddings_and_lm_head_through_fused_loss(zoo_ca
     lm_head, and the training step equals plain PEFT's."""
     fast, plain, tokenizer = _pair("llama", zoo_cache, modules_to_save=["embed_tokens", "lm_head"])
     batch = _batch(tokenizer)
+    new_token = fast.get_base_model().config.vocab_size - 1  # beyond the tokenizer: an added token's row
+    batch["input_ids"][:, 3] = new_token
+    batch["labels"][:, 4] = new_token
     fast.train()
     assert fast(**batch).logits is None  # fused loss still taken with the wrapped lm_head
     loss_fast, grads_fast = _step(fast, batch)
     _, grads_plain = _step(plain, batch)
     head = [n for n in grads_fast if "lm_head.modules_to_save" in n]
     assert head and all(grads_fast[n].abs().sum() > 0 for n in head)
+    embed = next(n for n in grads_fast if "embed_tokens.modules_to_save" in n)
+    assert grads_fast[embed][new_token].abs().sum() > 0
     for name, grad in grads_plain.items():
         assert_close_normwise(grads_fast[name], grad, torch.float32, factor=50)
 
@@ -227,12 +254,13 @@ def test_checkpointing_modes_give_identical_gradients(mode, zoo_cache):
         torch.testing.assert_close(grads[mode][name], grad, rtol=1e-5, atol=1e-7)
 
 
-def test_checkpointing_on_fused_path_and_trainer_request(zoo_cache):
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_checkpointing_on_fused_path_and_trainer_request(quantized, zoo_cache):
     base, tokenizer = load_zoo_model("qwen2", cache_dir=zoo_cache)
     batch = _batch(tokenizer)
     grads = {}
     for setting in (False, "unsloth"):
-        model = copy.deepcopy(base)
+        model = load_zoo_model("qwen2", cache_dir=zoo_cache, load_in_4bit=True)[0] if quantized else copy.deepcopy(base)
         patch_model(model)
         model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=setting)
         _perturb_adapters(model)
@@ -313,3 +341,35 @@ def test_loftq_on_a_quantised_model_is_refused(zoo_cache):
     base, _ = load_zoo_model("llama", cache_dir=zoo_cache, load_in_4bit=True)
     with pytest.raises(ValueError, match="load_in_4bit=False"):
         FastLanguageModel.get_peft_model(base, init_lora_weights="loftq")
+
+
+@pytest.mark.gpu
+def test_offloaded_checkpointing_on_cuda_parks_layer_inputs_on_the_host(zoo_cache):
+    """On CUDA, "unsloth" checkpointing keeps each layer input in pinned host memory (not on the
+    device) and gives the gradients of no checkpointing."""
+    from unsloth_like.models import checkpointing
+
+    base, tokenizer = load_zoo_model("llama", cache_dir=zoo_cache)
+    batch = {k: v.cuda() for k, v in _batch(tokenizer).items()}
+    grads, stashes = {}, []
+    real_stash = checkpointing._Stash
+
+    class RecordingStash(real_stash):
+        def __init__(self, tensor):
+            super().__init__(tensor)
+            stashes.append(self)
+
+    for setting in (False, "unsloth"):
+        model = copy.deepcopy(base).cuda()
+        patch_model(model)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=setting)
+        _perturb_adapters(model)
+        checkpointing._Stash = RecordingStash
+        try:
+            grads[setting] = _step(model, batch)[1]
+        finally:
+            checkpointing._Stash = real_stash
+    assert len(stashes) == base.config.num_hidden_layers
+    assert all(s.tensor.device.type == "cpu" and s.tensor.is_pinned() for s in stashes)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads["unsloth"][name], grad, rtol=1e-4, atol=1e-6)

@@ -84,18 +84,23 @@ def _remove_trainer_override(root: nn.Module) -> None:
 
 
 def _trainer_enable(self, *args, upstream_name: str, every_n_layers: int = 1, offload: bool = False, **kwargs):
-    checkpoint_kwargs = dict(args[0] if args else kwargs.pop("activation_checkpointing_kwargs", None)
-                             or kwargs.pop("gradient_checkpointing_kwargs", None) or {})
-    checkpoint_kwargs.pop("use_reentrant", None)  # ours are non-reentrant; the choice does not change gradients
+    given = args[0] if args else (kwargs.get("activation_checkpointing_kwargs")
+                                  or kwargs.get("gradient_checkpointing_kwargs"))
+    # ours are non-reentrant; use_reentrant changes how, not what, gradients are computed
+    specific = {k for k in (given or {}) if k != "use_reentrant"}
+    others = set(kwargs) - {"activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"}
     mode = self.__dict__.get(_MODE_ATTR)
     if mode is not None and checkpointing_mode(self) == mode and every_n_layers == 1 and not offload \
-            and not checkpoint_kwargs and not kwargs:
+            and not specific and not others:
         logger.info("Gradient checkpointing stays %r (set by get_peft_model/from_pretrained).", mode)
         return
     _remove_trainer_override(self)
     self.__dict__.pop(_MODE_ATTR, None)
-    upstream = getattr(type(self), upstream_name)
-    upstream(self, *args, every_n_layers=every_n_layers, offload=offload, **kwargs)
+    if every_n_layers != 1:  # only when asked: older transformers releases lack these parameters
+        kwargs["every_n_layers"] = every_n_layers
+    if offload:
+        kwargs["offload"] = offload
+    getattr(type(self), upstream_name)(self, *args, **kwargs)
 
 
 # --- offloaded checkpointing ----------------------------------------------------------------------
