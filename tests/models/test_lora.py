@@ -373,3 +373,23 @@ def test_offloaded_checkpointing_on_cuda_parks_layer_inputs_on_the_host(zoo_cach
     assert all(s.tensor.device.type == "cpu" and s.tensor.is_pinned() for s in stashes)
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads["unsloth"][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_unpatch_and_unpatched_models_keep_plain_peft_behaviour(zoo_cache):
+    """``unpatch`` on a PEFT model restores upstream forwards everywhere; ``FastModel`` (no
+    patching) gets adapters from the same call and trains exactly like plain PEFT."""
+    from unsloth_like import FastModel, unpatch
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    fast, plain, tokenizer = _pair("mistral", zoo_cache)
+    unpatch(fast)
+    assert lora_fusion_report(fast) == {}
+    assert not any("_unsloth_like_fusion_log" in m.__dict__ for m in fast.modules())
+    batch = _batch(tokenizer)
+    _assert_same_training_step(fast, plain, batch)
+
+    model, _ = FastModel.from_pretrained(str(zoo_model_dir("mistral", zoo_cache)), load_in_4bit=False)
+    generic = FastModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+    assert isinstance(generic, peft.PeftModel) and lora_fusion_report(generic) == {}
+    peft.set_peft_model_state_dict(generic, peft.get_peft_model_state_dict(plain))
+    _assert_same_training_step(generic, plain, batch)

@@ -195,7 +195,13 @@ def _forward_projections(x2, projections):
         if p.quantized:
             result = result.to(x2.dtype)
         if i in xa_parts:
-            lora = (xa_parts[i] @ p.lora_B.t()).mul_(p.scaling)
+            xa = xa_parts[i]
+            if not p.quantized and result.dtype == xa.dtype == p.lora_B.dtype:
+                # one GEMM with the add in its epilogue; no (N, out) temporary
+                result = torch.addmm(result, xa, p.lora_B.t(), alpha=p.scaling)
+                outputs.append(result)
+                continue
+            lora = (xa @ p.lora_B.t()).mul_(p.scaling)
             if p.quantized and not torch.is_autocast_enabled(x2.device.type):
                 result = result + lora.to(result.dtype)
             else:
@@ -228,10 +234,9 @@ class _AdapterBackward:
         dx = None
         for p, g in zip(self.projections, grads):
             base_dtype = p.base_dtype(x_dtype)
-            part = (g.to(base_dtype) @ p.dense_weight(base_dtype)).to(x_dtype)
-            dx = part if dx is None else dx.add_(part)
+            dx = _accumulate_matmul(dx, g.to(base_dtype), p.dense_weight(base_dtype), x_dtype)
         if self.dxa_cat is not None:
-            dx.add_((self.dxa_cat @ self.a_cat).to(x_dtype))
+            dx = _accumulate_matmul(dx, self.dxa_cat, self.a_cat, x_dtype)
         return dx
 
     def fill_a_grads(self, x2: torch.Tensor) -> list:
@@ -243,6 +248,17 @@ class _AdapterBackward:
                 if self.need[2 * i]:
                     self.grads[2 * i] = da
         return self.grads
+
+
+def _accumulate_matmul(acc, a, b, dtype):
+    """``acc + a @ b`` in ``dtype``: in place through ``addmm_`` when the dtypes allow (no
+    temporary of the accumulator's size), else through a cast of the product."""
+    if acc is None:
+        product = a @ b
+        return product if product.dtype == dtype else product.to(dtype)
+    if a.dtype == b.dtype == acc.dtype and not torch.is_autocast_enabled(acc.device.type):
+        return acc.addmm_(a, b)
+    return acc.add_((a @ b).to(acc.dtype))
 
 
 class _AutocastState:

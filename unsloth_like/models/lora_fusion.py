@@ -210,6 +210,11 @@ def attach_fusion_log(groups: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> F
     return log
 
 
+def detach_fusion_log(model: nn.Module) -> None:
+    for module in model.modules():
+        module.__dict__.pop(_LOG_ATTR, None)
+
+
 def fusion_report(groups: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> dict[str, str]:
     """``{group name: "fused" | reason}`` for the model's current state."""
     report = {}

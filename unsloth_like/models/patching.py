@@ -16,7 +16,7 @@ from torch import nn
 
 from .causal_lm import make_causal_lm_forward
 from .llama import make_attention_forward, mlp_forward, rms_norm_forward
-from .lora_fusion import MLP, QKV, attach_fusion_log, fusion_report
+from .lora_fusion import MLP, QKV, attach_fusion_log, detach_fusion_log, fusion_report
 from .registry import PatchSpec, spec_for
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def unpatch(model: nn.Module) -> None:
             setattr(module, attribute, previous)
     if _PATCHED_ATTR in root.__dict__:
         del root.__dict__[_PATCHED_ATTR]
+    detach_fusion_log(root)
 
 
 def lora_groups(model: nn.Module) -> dict:
