@@ -91,3 +91,43 @@ def test_trl_sft_trainer_trains_a_patched_model_like_upstream(zoo_cache, tmp_pat
     assert len(ours) == 3
     for a, b in zip(upstream, ours):
         assert abs(a - b) <= 1e-3 * a
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_trains_get_peft_model_qlora_like_plain_peft(zoo_cache, tmp_path):
+    """QLoRA through SFTTrainer with TRL's defaults: gradient checkpointing requested by the
+    Trainer (our "unsloth" mode stays), adapters cast to bf16 by TRL for quantised models (the
+    fused path follows), the same losses as plain PEFT on the same 4-bit base."""
+    import peft
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from unsloth_like import FastLanguageModel
+    from unsloth_like.models.checkpointing import checkpointing_mode
+    from unsloth_like.models.patching import lora_fusion_report
+
+    def train(model, tokenizer, name):
+        config = SFTConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
+                           learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+                           bf16=False, use_cpu=True, max_length=64, seed=0, disable_tqdm=True)
+        dataset = Dataset.from_dict({"messages": demo_conversations(12, seed=2)})
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    with use_backend("torch"):
+        base, tokenizer = load_zoo_model("qwen2", cache_dir=zoo_cache, load_in_4bit=True)
+        patch_model(base)
+        fast = FastLanguageModel.get_peft_model(base, r=8, lora_alpha=16, random_state=0)
+        plain_base, _ = load_zoo_model("qwen2", cache_dir=zoo_cache, load_in_4bit=True)
+        plain = peft.get_peft_model(plain_base, peft.LoraConfig(
+            r=8, lora_alpha=16, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        peft.set_peft_model_state_dict(plain, peft.get_peft_model_state_dict(fast))
+        ours, upstream = train(fast, tokenizer, "ours"), train(plain, tokenizer, "plain")
+    assert checkpointing_mode(fast) == "unsloth"
+    assert set(lora_fusion_report(fast).values()) == {"fused"}
+    assert next(p for n, p in fast.named_parameters() if "lora_A" in n).dtype == torch.bfloat16
+    assert len(ours) == 3
+    for a, b in zip(upstream, ours):
+        assert abs(a - b) <= 1e-3 * a
