@@ -393,3 +393,29 @@ def test_unpatch_and_unpatched_models_keep_plain_peft_behaviour(zoo_cache):
     assert isinstance(generic, peft.PeftModel) and lora_fusion_report(generic) == {}
     peft.set_peft_model_state_dict(generic, peft.get_peft_model_state_dict(plain))
     _assert_same_training_step(generic, plain, batch)
+
+
+def test_get_peft_model_on_a_loaded_adapter_dir_is_a_no_op_for_its_settings(zoo_cache, tmp_path):
+    """The notebook pattern: reload a saved adapter with from_pretrained, then call
+    get_peft_model with the settings it was trained with."""
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), load_in_4bit=False)
+    assert isinstance(reloaded, peft.PeftModel)
+    assert FastLanguageModel.get_peft_model(reloaded, r=8, lora_alpha=16) is reloaded
+    assert set(lora_fusion_report(reloaded).values()) == {"fused"}
+    with pytest.raises(ValueError, match="lora_alpha: 16 -> 32"):
+        FastLanguageModel.get_peft_model(reloaded, r=8, lora_alpha=32)
+
+
+def test_unpatched_quantised_fp16_norms_are_upcast(zoo_cache):
+    """prepare_model_for_kbit_training's norm upcast, for architectures we do not patch (their
+    upstream norms may compute in the weights' dtype); other frozen weights keep their dtype."""
+    base, _ = load_zoo_model("llama", cache_dir=zoo_cache, load_in_4bit=True, dtype=torch.float16)
+    model = FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing=False)
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    assert model.get_base_model().lm_head.weight.dtype == torch.float16
