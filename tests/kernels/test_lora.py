@@ -92,6 +92,8 @@ CASES = [
     pytest.param(torch.bfloat16, torch.float32, False, id="bf16-base-fp32-adapter"),
     pytest.param(torch.float32, None, True, id="nf4-fp32"),
     pytest.param(torch.bfloat16, torch.float32, True, id="nf4-bf16-fp32-adapter"),
+    pytest.param(torch.float16, torch.float32, False, id="fp16-base-fp32-adapter"),
+    pytest.param(torch.float16, None, True, id="nf4-fp16"),
 ]
 
 
