@@ -67,7 +67,8 @@ def _quantize_decoder_linears(model) -> None:
                 quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                               compute_dtype=child.weight.dtype, compress_statistics=True,
                                               quant_type="nf4", device="meta")
-                quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                # quantised where the weight lives (Params4bit quantises on its first .to(device))
+                quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
                                                      compress_statistics=True, quant_type="nf4").to(child.weight.device)
                 if child.bias is not None:
                     quantized.bias = child.bias
