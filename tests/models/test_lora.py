@@ -419,3 +419,37 @@ def test_unpatched_quantised_fp16_norms_are_upcast(zoo_cache):
     norms = [p for n, p in model.named_parameters() if "norm" in n]
     assert norms and all(p.dtype == torch.float32 for p in norms)
     assert model.get_base_model().lm_head.weight.dtype == torch.float16
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda_trains_like_plain_peft_and_generates_through_bitsandbytes(zoo_cache):
+    """Compiled kernels (Triton NF4 dequantisation and activations) in the fused QLoRA path on a
+    GPU, against plain PEFT; under no_grad the NF4 groups use bitsandbytes' inference kernels,
+    and greedy generation matches plain PEFT's."""
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    def load():
+        import transformers
+
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            zoo_model_dir("llama", zoo_cache), device_map={"": "cuda"},
+            quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"]))
+
+    _, tokenizer = load_zoo_model("llama", cache_dir=zoo_cache)
+    fast = load()
+    patch_model(fast)
+    fast = FastLanguageModel.get_peft_model(fast, r=8, lora_alpha=16, use_gradient_checkpointing="unsloth")
+    plain = peft.get_peft_model(load(), peft.LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
+                                                        target_modules=list(DEFAULT_TARGET_MODULES)))
+    _perturb_adapters(fast)
+    peft.set_peft_model_state_dict(plain, peft.get_peft_model_state_dict(fast))
+    batch = {k: v.cuda() for k, v in _batch(tokenizer).items()}
+    with use_backend("triton"):
+        _assert_same_training_step(fast, plain, batch)
+        prompt = {k: v[:1, :6] for k, v in batch.items() if k != "labels"}
+        fast.eval(), plain.eval()
+        ours = fast.generate(**prompt, max_new_tokens=8, do_sample=False)
+        theirs = plain.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)

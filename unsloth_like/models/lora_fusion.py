@@ -11,7 +11,11 @@ o, gate/up/down) is fused only when the fused maths is an exact replacement for 
 * at least one projection of the group carries an adapter (otherwise the plain path is the same).
 
 Anything else runs PEFT's own modules (our norm/RoPE/CE kernels still apply), and the first time
-a reason is seen in a model one log line names it and the layers it affects. The decision is
+a reason is seen in a model one log line names it and the layers it affects.
+
+One choice is about speed, not maths: without gradients on CUDA (generation), a group with NF4
+bases runs through bitsandbytes, whose inference kernel multiplies by the packed weight directly
+(``gemv_4bit``) instead of dequantising it for every decoded token as the training path does. The decision is
 re-made at every call, so ``disable_adapter()``, ``set_adapter``, ``merge_adapter`` and the like
 switch paths immediately and never give silently different maths.
 """
@@ -160,21 +164,21 @@ def plan_group(owner: nn.Module, names: tuple[str, ...]) -> list[Projection] | F
 
 
 def fused_qkv(attention: nn.Module, hidden_states: torch.Tensor):
-    plan = _plan(attention, QKV)
+    plan = _plan(attention, QKV, hidden_states)
     return None if plan is None else lora_projections(hidden_states, *plan)
 
 
 def fused_o(attention: nn.Module, attn_output: torch.Tensor):
-    plan = _plan(attention, ("o_proj",))
+    plan = _plan(attention, ("o_proj",), attn_output)
     return None if plan is None else lora_linear(attn_output, plan[0])
 
 
 def fused_mlp(mlp: nn.Module, x: torch.Tensor, activation: str):
-    plan = _plan(mlp, MLP)
+    plan = _plan(mlp, MLP, x)
     return None if plan is None else lora_mlp(x, *plan, activation=activation)
 
 
-def _plan(owner: nn.Module, names: tuple[str, ...]):
+def _plan(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):
     plan = plan_group(owner, names)
     if isinstance(plan, Fallback):
         if plan.lora:
@@ -182,6 +186,8 @@ def _plan(owner: nn.Module, names: tuple[str, ...]):
             if log is not None:
                 log.once(plan.reason)
         return None
+    if x.is_cuda and not torch.is_grad_enabled() and any(p.quantized for p in plan):
+        return None  # bitsandbytes' 4-bit inference kernels (see the module docstring)
     return plan
 
 
