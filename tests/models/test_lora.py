@@ -453,3 +453,16 @@ def test_qlora_on_cuda_trains_like_plain_peft_and_generates_through_bitsandbytes
         ours = fast.generate(**prompt, max_new_tokens=8, do_sample=False)
         theirs = plain.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(ours, theirs)
+
+
+def test_a_failure_inside_peft_leaves_the_model_patched(zoo_cache):
+    """An option only PEFT can judge (a zero rank in rank_pattern) fails inside peft.get_peft_model,
+    after we unbound our forwards to let PEFT wrap: they are bound again before the error."""
+    from unsloth_like.models import is_patched
+
+    base, _ = load_zoo_model("llama", cache_dir=zoo_cache)
+    patch_model(base)
+    with pytest.raises(ValueError):
+        FastLanguageModel.get_peft_model(base, rank_pattern={"q_proj": 0})
+    assert is_patched(base)
+    assert "forward" in base.model.layers[0].mlp.__dict__

@@ -93,30 +93,46 @@ def get_peft_model(
 
     if isinstance(model, PeftModel):
         _check_same_adapter(model, config)
-        set_gradient_checkpointing(model, use_gradient_checkpointing)
-        return model
+        peft_model = model
+    else:
+        peft_model = _wrap(base, config, random_state)
+        if loftq_settings is not None:
+            _loftq(peft_model, loftq_settings)
+        _prepare_quantized(base, is_patched(base))
+    set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+    if max_seq_length is not None:
+        base.max_seq_length = max_seq_length
+    if peft_model is not model:
+        _log_fusion(peft_model)
+    return peft_model
 
+
+def _wrap(base, config, random_state: int):
+    """``peft.get_peft_model`` under a forked, seeded RNG; a patched model is re-patched on the
+    wrapped model (PEFT may add modules, e.g. ``layer_replication``), or restored if PEFT fails."""
     import peft
 
     was_patched = is_patched(base)
     if was_patched:
-        unpatch(base)  # re-bound below on the wrapped model (PEFT may add modules, e.g. layer_replication)
+        unpatch(base)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(random_state)
-        peft_model = peft.get_peft_model(base, config)
-    if loftq_settings is not None:
-        count = apply_loftq(peft_model, peft_model.active_adapter, loftq_settings)
-        logger.info("LoftQ (%d-bit, %d iterations) initialised %d layers; their base weights now hold the "
-                    "dequantised values.", loftq_settings["loftq_bits"], loftq_settings["loftq_iter"], count)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(random_state)
+            peft_model = peft.get_peft_model(base, config)
+    except BaseException:
+        if was_patched:
+            patch_model(base)
+        raise
     if was_patched:
         patch_model(peft_model)
-    _prepare_quantized(base, was_patched)
-    set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
-    if max_seq_length is not None:
-        base.max_seq_length = max_seq_length
-    _log_fusion(peft_model)
     return peft_model
+
+
+def _loftq(peft_model, loftq_settings: dict) -> None:
+    count = apply_loftq(peft_model, peft_model.active_adapter, loftq_settings)
+    logger.info("LoftQ (%d-bit, %d iterations) initialised %d layers; their base weights now hold the "
+                "dequantised values.", loftq_settings["loftq_bits"], loftq_settings["loftq_iter"], count)
 
 
 # --- argument checks ------------------------------------------------------------------------------
