@@ -108,6 +108,7 @@ class FastLanguageModel:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+            set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
         return model, tokenizer
 
     @staticmethod
