@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..env import is_bfloat16_supported
+from ..trainer import install_legacy_sft_keywords
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .lora import get_peft_model
 from .patching import patch_model, unpatch
@@ -109,6 +110,7 @@ class FastLanguageModel:
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
             set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
+        install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
         return model, tokenizer
 
     @staticmethod

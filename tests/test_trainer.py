@@ -1,0 +1,152 @@
+"""TRL hand-off: the legacy SFTTrainer keywords shim and UnslothTrainer's embedding learning rate."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from unsloth_like import FastLanguageModel  # noqa: E402
+from unsloth_like.kernels import use_backend  # noqa: E402
+from unsloth_like.models import patch_model  # noqa: E402
+from unsloth_like.testing.corpus import demo_conversations  # noqa: E402
+from unsloth_like.testing.zoo import load_zoo_model  # noqa: E402
+from unsloth_like.trainer import install_legacy_sft_keywords, uninstall_legacy_sft_keywords  # noqa: E402
+
+
+@pytest.fixture
+def shim():
+    installed_before = hasattr(trl.SFTTrainer.__init__, "__wrapped__")
+    original = inspect.unwrap(trl.SFTTrainer.__init__)
+    assert install_legacy_sft_keywords()
+    yield original
+    if not installed_before:
+        uninstall_legacy_sft_keywords()
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with use_backend("torch"):
+        yield
+
+
+def _model(zoo_cache, **lora):
+    model, tokenizer = load_zoo_model("qwen2", cache_dir=zoo_cache)
+    patch_model(model)
+    return FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, **lora), tokenizer
+
+
+def _text_dataset(tokenizer, n=8):
+    chats = demo_conversations(n, seed=5)
+    return Dataset.from_dict({"text": [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]})
+
+
+def _training_arguments(tmp_path, **kwargs):
+    return TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+                             use_cpu=True, bf16=False, disable_tqdm=True, **kwargs)
+
+
+def test_notebook_call_style_trains(shim, zoo_cache, tmp_path):
+    """The legacy call of Unsloth's notebooks: tokenizer=, dataset_text_field=, max_seq_length=,
+    packing=, dataset_num_proc=, with TrainingArguments."""
+    model, tokenizer = _model(zoo_cache)
+    arguments = _training_arguments(tmp_path)
+    trainer = trl.SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=_text_dataset(tokenizer),
+                             dataset_text_field="text", max_seq_length=48, packing=False, dataset_num_proc=1,
+                             args=arguments)
+    assert isinstance(trainer.args, trl.SFTConfig) and trainer.args is not arguments
+    assert (trainer.args.max_length, trainer.args.dataset_text_field, trainer.args.dataset_num_proc) == (48, "text", 1)
+    assert trainer.processing_class is tokenizer
+    assert max(len(ids) for ids in trainer.train_dataset["input_ids"]) <= 48
+    trainer.train()
+    assert len([e for e in trainer.state.log_history if "loss" in e]) == 2
+
+
+def test_without_legacy_keywords_trl_gets_the_call_untouched(zoo_cache, tmp_path, monkeypatch):
+    """Inert otherwise: the shim hands TRL's __init__ the very same positional and keyword
+    arguments (a recording layer sits between the shim and TRL's function here)."""
+    uninstall_legacy_sft_keywords()
+    original = trl.SFTTrainer.__init__
+    seen = {}
+
+    def recording(self, *args, **kwargs):
+        seen.update(args=args, kwargs=dict(kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.SFTTrainer, "__init__", recording)
+    install_legacy_sft_keywords()
+    try:
+        model, tokenizer = _model(zoo_cache)
+        config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, bf16=False, report_to="none")
+        dataset = _text_dataset(tokenizer)
+        trainer = trl.SFTTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
+    finally:
+        uninstall_legacy_sft_keywords()
+    assert seen["args"][0] is model and seen["args"][1] is config and len(seen["args"]) == 2
+    assert seen["kwargs"].keys() == {"train_dataset", "processing_class"}
+    assert seen["kwargs"]["train_dataset"] is dataset and seen["kwargs"]["processing_class"] is tokenizer
+    assert trainer.args is config
+
+
+def test_conflicting_and_removed_keywords_are_refused(shim, zoo_cache, tmp_path):
+    model, tokenizer = _model(zoo_cache)
+    dataset = _text_dataset(tokenizer)
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_length=256, use_cpu=True, bf16=False, report_to="none")
+    with pytest.raises(ValueError, match=r"max_seq_length=64 but its config sets max_length=256"):
+        trl.SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=dataset, max_seq_length=64, args=config)
+    with pytest.raises(ValueError, match="no longer exist"):
+        trl.SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=dataset, num_of_sequences=8, args=config)
+    with pytest.raises(ValueError, match="both tokenizer= and processing_class="):
+        trl.SFTTrainer(model=model, tokenizer=tokenizer, processing_class=object(), train_dataset=dataset, args=config)
+
+
+def test_from_pretrained_installs_the_shim(zoo_cache):
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    uninstall_legacy_sft_keywords()
+    assert not hasattr(trl.SFTTrainer.__init__, "__wrapped__")
+    FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen2", zoo_cache)), load_in_4bit=False)
+    assert hasattr(trl.SFTTrainer.__init__, "__wrapped__")
+
+
+def test_embedding_learning_rate_gets_its_own_groups(zoo_cache, tmp_path):
+    from unsloth_like import UnslothTrainer, UnslothTrainingArguments
+
+    model, tokenizer = _model(zoo_cache, modules_to_save=["embed_tokens", "lm_head"])
+    args = UnslothTrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                    learning_rate=2e-4, embedding_learning_rate=2e-5, weight_decay=0.01,
+                                    use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                                    max_length=48, disable_tqdm=True)
+    trainer = UnslothTrainer(model=model, args=args, train_dataset=_text_dataset(tokenizer),
+                             processing_class=tokenizer)
+    optimizer = trainer.create_optimizer()
+    by_lr = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], 0)
+        by_lr[group["lr"]] += sum(p.numel() for p in group["params"])
+    trainable = dict(model.named_parameters())
+    embedding = sum(p.numel() for n, p in trainable.items()
+                    if p.requires_grad and ("embed_tokens" in n or "lm_head" in n))
+    assert embedding > 0 and by_lr[2e-5] == embedding
+    assert by_lr[2e-4] == sum(p.numel() for p in trainable.values() if p.requires_grad) - embedding
+    trainer.train()
+
+
+def test_embedding_learning_rate_bad_input(zoo_cache, tmp_path):
+    from unsloth_like import UnslothTrainer, UnslothTrainingArguments
+
+    with pytest.raises(ValueError, match="positive number"):
+        UnslothTrainingArguments(output_dir=str(tmp_path), embedding_learning_rate=-1.0, use_cpu=True, bf16=False)
+    model, tokenizer = _model(zoo_cache)  # no modules_to_save: nothing to give the rate to
+    args = UnslothTrainingArguments(output_dir=str(tmp_path), embedding_learning_rate=1e-5, use_cpu=True,
+                                    bf16=False, report_to="none")
+    trainer = UnslothTrainer(model=model, args=args, train_dataset=_text_dataset(tokenizer),
+                             processing_class=tokenizer)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        trainer.create_optimizer()

@@ -1,0 +1,216 @@
+"""TRL hand-off: the legacy ``SFTTrainer`` keywords of Unsloth's notebooks, and ``UnslothTrainer``.
+
+**Legacy keywords.** Unsloth's notebooks call ``SFTTrainer(model=…, tokenizer=…,
+train_dataset=…, dataset_text_field="text", max_seq_length=…, packing=…, dataset_num_proc=…,
+args=SFTConfig(…) or TrainingArguments(…))``. TRL ≥ 1.0 moved those keywords onto ``SFTConfig``
+(``max_seq_length`` became ``max_length``, ``tokenizer`` became ``processing_class``) and rejects
+them. ``install_legacy_sft_keywords()`` wraps ``trl.SFTTrainer.__init__`` once, in place: a call
+*without* legacy keywords goes straight to TRL's own ``__init__`` with its arguments untouched;
+a call with them gets them moved onto (a copy of) the config, then goes to TRL. This is the one
+process-wide change the project makes to a library class, and it is inert for code that does not
+use the legacy keywords. It is installed by ``FastLanguageModel.from_pretrained`` (the first line
+of every notebook), never by ``import unsloth_like``.
+
+A legacy keyword that contradicts an explicit config value (``max_seq_length=2048`` with
+``SFTConfig(max_length=512)``) raises instead of picking one; keywords TRL removed without a
+replacement (``num_of_sequences``, ``chars_per_token``, ``dataset_batch_size``) raise too.
+
+**UnslothTrainer** / **UnslothTrainingArguments(embedding_learning_rate=…)**: an ``SFTTrainer``
+whose optimizer puts the trainable embedding and lm_head weights (``modules_to_save`` copies,
+trainable-token deltas, or the weights themselves in full finetuning) in their own parameter
+groups with that learning rate, as Unsloth's continued-pretraining notebooks expect.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import logging
+
+logger = logging.getLogger(__name__)
+
+# SFTTrainer keyword (TRL < 1.0, Unsloth notebooks) -> SFTConfig field
+LEGACY_CONFIG_KEYWORDS = {
+    "dataset_text_field": "dataset_text_field",
+    "max_seq_length": "max_length",
+    "packing": "packing",
+    "dataset_num_proc": "dataset_num_proc",
+    "dataset_kwargs": "dataset_kwargs",
+    "neftune_noise_alpha": "neftune_noise_alpha",
+}
+REMOVED_KEYWORDS = ("num_of_sequences", "chars_per_token", "dataset_batch_size")
+LEGACY_KEYWORDS = frozenset({"tokenizer", *LEGACY_CONFIG_KEYWORDS, *REMOVED_KEYWORDS})
+_SHIM_MARK = "_unsloth_like_legacy_keywords"
+EMBEDDING_PARAMETER_KEYS = ("embed_tokens", "lm_head", "wte", "token_adapter")
+
+
+def install_legacy_sft_keywords() -> bool:
+    """Let ``trl.SFTTrainer`` accept the legacy notebook keywords (idempotent; see the module
+    docstring). Returns False when TRL is not installed."""
+    try:
+        import trl
+    except ImportError:
+        return False
+    trainer_class = trl.SFTTrainer
+    if getattr(trainer_class.__init__, _SHIM_MARK, False):
+        return True
+    original = trainer_class.__init__
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        if LEGACY_KEYWORDS.isdisjoint(kwargs):
+            return original(self, *args, **kwargs)
+        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in LEGACY_KEYWORDS}
+        bound = signature.bind_partial(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(signature.parameters)))  # self
+        arguments.update(translate_legacy_sft_keywords(arguments, legacy))
+        return original(self, **arguments)
+
+    setattr(__init__, _SHIM_MARK, True)
+    trainer_class.__init__ = __init__
+    return True
+
+
+def uninstall_legacy_sft_keywords() -> None:
+    """Restore TRL's own ``SFTTrainer.__init__``."""
+    import trl
+
+    init = trl.SFTTrainer.__init__
+    if getattr(init, _SHIM_MARK, False):
+        trl.SFTTrainer.__init__ = init.__wrapped__
+
+
+def translate_legacy_sft_keywords(arguments: dict, legacy: dict) -> dict:
+    """The SFTTrainer arguments that replace ``legacy`` keywords: ``processing_class`` and/or a
+    copy of ``arguments["args"]`` as an ``SFTConfig`` with the config keywords set on it."""
+    removed = sorted(set(REMOVED_KEYWORDS) & legacy.keys())
+    if removed:
+        raise ValueError(f"SFTTrainer keyword(s) {removed} no longer exist in TRL and have no replacement; "
+                         "drop them (packing is configured with SFTConfig(packing=True, packing_strategy=...)).")
+    updates = {}
+    if "tokenizer" in legacy:
+        given = arguments.get("processing_class")
+        if given is not None and given is not legacy["tokenizer"]:
+            raise ValueError("SFTTrainer got both tokenizer= and processing_class= with different objects; "
+                             "pass the tokenizer once, as processing_class=.")
+        updates["processing_class"] = legacy["tokenizer"]
+    config_values = {LEGACY_CONFIG_KEYWORDS[k]: v for k, v in legacy.items() if k in LEGACY_CONFIG_KEYWORDS}
+    if config_values:
+        updates["args"] = _config_with(arguments.get("args"), arguments.get("model"), config_values, legacy)
+    return updates
+
+
+def _config_with(config, model, values: dict, legacy: dict):
+    from trl import SFTConfig
+
+    config = _as_sft_config(config, model)
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
+    for field_name, value in values.items():
+        current = getattr(config, field_name)
+        if current != defaults.get(field_name) and current != value:
+            keyword = next(k for k, f in LEGACY_CONFIG_KEYWORDS.items() if f == field_name and k in legacy)
+            raise ValueError(f"SFTTrainer got {keyword}={value!r} but its config sets {field_name}={current!r}; "
+                             f"give the value once (on the config: {field_name}=...).")
+        setattr(config, field_name, value)
+    return config
+
+
+def _as_sft_config(config, model):
+    """A copy of ``config`` as an ``SFTConfig`` (TRL's own conversion of ``TrainingArguments``)."""
+    import torch
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    if config is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        cuda = torch.cuda.is_available()
+        from .env import is_bfloat16_supported
+
+        return SFTConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SFT",
+                         bf16=cuda and is_bfloat16_supported(), use_cpu=not cuda)
+    if isinstance(config, SFTConfig):
+        return copy.copy(config)
+    if isinstance(config, TrainingArguments):
+        values = config.to_dict()
+        values["hub_token"] = config.hub_token  # to_dict hides it
+        fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+        return SFTConfig(**{k: v for k, v in values.items() if k in fields})
+    raise TypeError(f"args must be an SFTConfig or TrainingArguments, got {type(config).__name__}.")
+
+
+# --- UnslothTrainer -------------------------------------------------------------------------------
+
+
+def _trainer_classes():
+    from trl import SFTConfig, SFTTrainer
+
+    @dataclasses.dataclass
+    class UnslothTrainingArguments(SFTConfig):
+        """``SFTConfig`` plus ``embedding_learning_rate``: the learning rate of the trainable
+        embedding / lm_head weights (None: the same as everything else)."""
+
+        embedding_learning_rate: float | None = dataclasses.field(
+            default=None, metadata={"help": "Learning rate of trainable embed_tokens / lm_head weights."})
+
+        def __post_init__(self):
+            super().__post_init__()
+            rate = self.embedding_learning_rate
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
+                raise ValueError(f"embedding_learning_rate must be a positive number, got {rate!r}.")
+
+    class UnslothTrainer(SFTTrainer):
+        """``SFTTrainer`` with a separate learning rate for embeddings (see the module docstring)."""
+
+        def create_optimizer(self, model=None):
+            rate = getattr(self.args, "embedding_learning_rate", None)
+            if rate is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            opt_model = self.model if model is None else model
+            groups = embedding_parameter_groups(opt_model, self.get_decay_parameter_names(opt_model),
+                                                self.args.weight_decay, rate)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+
+    for cls in (UnslothTrainingArguments, UnslothTrainer):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return UnslothTrainingArguments, UnslothTrainer
+
+
+def embedding_parameter_groups(model, decay_names, weight_decay: float, embedding_learning_rate: float) -> list[dict]:
+    """Optimizer groups: (decay, no decay) x (other weights, embedding weights at their own rate)."""
+    groups = {key: [] for key in ((True, False), (False, False), (True, True), (False, True))}
+    names = {True: [], False: []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = any(key in name for key in EMBEDDING_PARAMETER_KEYS)
+        groups[(name in decay_names, is_embedding)].append(param)
+        names[is_embedding].append(name)
+    if not names[True]:
+        raise ValueError("embedding_learning_rate is set but no embedding or lm_head weight is trainable; "
+                         "add modules_to_save=['embed_tokens', 'lm_head'] to get_peft_model (or drop the rate).")
+    logger.info("embedding_learning_rate %.3g for %d tensors: %s", embedding_learning_rate, len(names[True]),
+                ", ".join(names[True]))
+    result = []
+    for (decay, is_embedding), params in groups.items():
+        if params:
+            group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+            if is_embedding:
+                group["lr"] = embedding_learning_rate
+            result.append(group)
+    return result
+
+
+def __getattr__(name: str):
+    # UnslothTrainer / UnslothTrainingArguments subclass TRL's classes: built on first use so that
+    # importing this module does not import trl.
+    if name in ("UnslothTrainer", "UnslothTrainingArguments"):
+        arguments_class, trainer_class = _trainer_classes()
+        globals().update(UnslothTrainingArguments=arguments_class, UnslothTrainer=trainer_class)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
