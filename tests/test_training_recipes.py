@@ -1,0 +1,132 @@
+"""Training recipes through the Trainer: exact gradient accumulation, eval with real logits.
+
+Gradient accumulation must be exact: the loss of a step divides by the number of label tokens
+across all its micro-batches (``num_items_in_batch``), so 4 micro-batches of 2 give the update of
+one batch of 8 (fp32, plain SGD so the update is the gradient itself).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+
+from unsloth_like import FastLanguageModel  # noqa: E402
+from unsloth_like.kernels import use_backend  # noqa: E402
+from unsloth_like.models import patch_model  # noqa: E402
+from unsloth_like.testing.corpus import demo_conversations  # noqa: E402
+from unsloth_like.testing.zoo import load_zoo_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with use_backend("torch"):
+        yield
+
+
+def _lora_model(zoo_cache):
+    model, tokenizer = load_zoo_model("llama", cache_dir=zoo_cache)
+    patch_model(model)
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=0, use_gradient_checkpointing=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero B, so every adapter weight gets a gradient
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+    return model, tokenizer
+
+
+def _conversations(n=8):
+    # varied lengths: micro-batches hold different numbers of label tokens, which is what
+    # makes a per-micro-batch mean differ from the exact per-step mean
+    return Dataset.from_dict({"messages": demo_conversations(n, seed=11)})
+
+
+def _sft_step(model, tokenizer, tmp_path, batch_size, accumulation):
+    config = trl.SFTConfig(output_dir=str(tmp_path / f"b{batch_size}"), max_steps=1,
+                           per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                           learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+                           max_grad_norm=0.0, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                           max_length=96, seed=0, disable_tqdm=True, gradient_checkpointing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=_conversations(), processing_class=tokenizer)
+    trainer.train()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if n in before}
+
+
+def test_gradient_accumulation_equals_the_large_batch(zoo_cache, tmp_path):
+    lengths = [len(c[0]["content"]) + len(c[1]["content"]) for c in demo_conversations(8, seed=11)]
+    assert len(set(lengths)) > 4  # the micro-batches really differ in label-token counts
+    one_batch = _sft_step(*_lora_model(zoo_cache), tmp_path, batch_size=8, accumulation=1)
+    accumulated = _sft_step(*_lora_model(zoo_cache), tmp_path, batch_size=2, accumulation=4)
+    for name, delta in one_batch.items():
+        assert delta.abs().sum() > 0
+        torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7)
+
+
+def test_eval_and_compute_metrics_get_real_logits(zoo_cache, tmp_path):
+    model, tokenizer = _lora_model(zoo_cache)
+    seen = {}
+
+    def compute_metrics(prediction):
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        seen["shape"] = logits.shape
+        labels = prediction.label_ids
+        predicted = logits[:, :-1].argmax(-1)
+        mask = labels[:, 1:] != -100
+        return {"token_accuracy": float((predicted == labels[:, 1:])[mask].mean())}
+
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                           per_device_eval_batch_size=2, report_to="none", use_cpu=True, bf16=False,
+                           max_length=64, save_strategy="no", disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=_conversations(4),
+                             eval_dataset=_conversations(4), processing_class=tokenizer,
+                             compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"]) and 0.0 <= metrics["eval_token_accuracy"] <= 1.0
+    assert seen["shape"][-1] == model.get_base_model().config.vocab_size
+
+
+def _trainer_step(model, tokenizer, tmp_path, batch_size, accumulation):
+    """transformers' Trainer (not TRL): the loss is our fused linear cross-entropy, which gets
+    num_items_in_batch from the Trainer."""
+    from transformers import Trainer, TrainingArguments
+
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in demo_conversations(8, seed=11)]
+    encoded = tokenizer(texts, truncation=True, max_length=96)
+    dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": encoded["input_ids"]})
+
+    def collate(examples):
+        width = max(len(e["input_ids"]) for e in examples)
+        pad = tokenizer.pad_token_id
+
+        def padded(key, value):
+            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])
+
+        input_ids = padded("input_ids", pad)
+        return {"input_ids": input_ids, "attention_mask": (padded("labels", -100) != -100).long(),
+                "labels": padded("labels", -100)}
+
+    args = TrainingArguments(output_dir=str(tmp_path / f"t{batch_size}"), max_steps=1,
+                             per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                             learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+                             max_grad_norm=0.0, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                             seed=0, disable_tqdm=True, remove_unused_columns=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate).train()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if n in before}
+
+
+def test_gradient_accumulation_is_exact_through_our_fused_loss(zoo_cache, tmp_path):
+    model, tokenizer = _lora_model(zoo_cache)
+    model.train()
+    probe = tokenizer(["a b c"], return_tensors="pt")
+    assert model(**probe, labels=probe["input_ids"]).logits is None  # the fused loss is what runs
+    one_batch = _trainer_step(model, tokenizer, tmp_path, batch_size=8, accumulation=1)
+    accumulated = _trainer_step(*_lora_model(zoo_cache), tmp_path, batch_size=2, accumulation=4)
+    for name, delta in one_batch.items():
+        assert delta.abs().sum() > 0
+        torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7)
