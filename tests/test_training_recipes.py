@@ -130,3 +130,21 @@ def test_gradient_accumulation_is_exact_through_our_fused_loss(zoo_cache, tmp_pa
     for name, delta in one_batch.items():
         assert delta.abs().sum() > 0
         torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7)
+
+
+def test_adamw_8bit_trains(zoo_cache, tmp_path):
+    """bitsandbytes' 8-bit AdamW (Unsloth's default optim) works here, on CPU too (0.50)."""
+    import bitsandbytes as bnb
+
+    model, tokenizer = _lora_model(zoo_cache)
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, optim="adamw_8bit",
+                           learning_rate=1e-3, report_to="none", use_cpu=True, bf16=False, max_length=64,
+                           save_strategy="no", disable_tqdm=True, logging_steps=1)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=_conversations(), processing_class=tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+    assert isinstance(optimizer, bnb.optim.optimizer.Optimizer2State) and optimizer.args.optim_bits == 8
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
