@@ -148,3 +148,32 @@ def test_adamw_8bit_trains(zoo_cache, tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_packed_batch_keeps_sequences_isolated(zoo_cache):
+    """Padding-free packing (TRL's collator: one row, per-sequence position_ids, boundary labels
+    masked): attention never crosses a boundary, so the packed loss equals the unpacked one, on
+    the patched model (fused loss) as upstream."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model, tokenizer = _lora_model(zoo_cache)
+    model.train()
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in demo_conversations(3, seed=4)]
+    sequences = [tokenizer(t)["input_ids"] for t in texts]
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    packed = collator([{"input_ids": ids} for ids in sequences])
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    packed_loss = model(**packed).loss  # training forward: the fused loss, no KV cache
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            single = collator([{"input_ids": ids}])
+            n = int((single["labels"][:, 1:] != -100).sum())
+            total += model(**single).loss.item() * n
+            count += n
+        assert count == int((packed["labels"][:, 1:] != -100).sum())
+        # With a KV cache, transformers does not look for packed sequences: attention crosses the
+        # boundaries and the loss changes, so this comparison can fail.
+        leaky = model(**packed, use_cache=True).loss
+    assert abs(packed_loss.item() - total / count) <= 1e-5 * packed_loss.item()
+    assert abs(leaky.item() - total / count) > 1e-3

@@ -68,7 +68,9 @@ def test_packed_position_ids_match_upstream(name, zoo_cache):
     ids = tokenizer(" ".join(TEXTS), return_tensors="pt")["input_ids"]
     seq = ids.shape[1]
     position_ids = torch.cat([torch.arange(seq // 2), torch.arange(seq - seq // 2)]).unsqueeze(0)
-    kwargs = {"input_ids": ids, "position_ids": position_ids, "labels": ids}
+    # use_cache=False: upstream treats per-sequence position_ids as packed sequences (block-diagonal
+    # attention) only without a KV cache; our training forward never makes one.
+    kwargs = {"input_ids": ids, "position_ids": position_ids, "labels": ids, "use_cache": False}
     out_base, grads_base = _train_step(base, kwargs)
     out_fast, grads_fast = _train_step(fast, kwargs)
     assert abs(out_fast.loss.item() - out_base.loss.item()) <= 1e-5

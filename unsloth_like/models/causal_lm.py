@@ -75,6 +75,10 @@ def _modules_to_save_target(wrapper):
 def _fused_loss_forward(self, lm_head, input_ids, attention_mask, position_ids, args, labels, logits_to_keep, kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    # No KV cache in a training forward: it would only cost memory, and transformers detects packed
+    # sequences (per-sequence position_ids, no attention mask) only without one, so a packed batch
+    # gets its block-diagonal mask here even when the caller did not pass use_cache=False.
+    kwargs.setdefault("use_cache", False)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
