@@ -4,14 +4,17 @@ The public API follows Unsloth's names (``FastLanguageModel`` ... as they land);
 plain Hugging Face ones. Importing this package changes nothing in transformers, peft or trl.
 """
 
+from .chat_templates import apply_chat_template, get_chat_template, standardize_sharegpt, to_sharegpt
 from .env import env_report, is_bfloat16_supported
 from .models.loader import FastLanguageModel, FastModel
 from .models.patching import patch_model, unpatch
+from .responses_only import train_on_responses_only
 
 __version__ = "0.1.0"
 
 __all__ = ["FastLanguageModel", "FastModel", "UnslothTrainer", "UnslothTrainingArguments", "__version__",
-           "env_report", "is_bfloat16_supported", "patch_model", "unpatch"]
+           "apply_chat_template", "env_report", "get_chat_template", "is_bfloat16_supported", "patch_model",
+           "standardize_sharegpt", "to_sharegpt", "train_on_responses_only", "unpatch"]
 
 _LAZY = {"UnslothTrainer": "trainer", "UnslothTrainingArguments": "trainer"}  # these import trl
 

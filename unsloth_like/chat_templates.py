@@ -66,6 +66,7 @@ __all__ = [
     "get_chat_template",
     "standardize_sharegpt",
     "to_sharegpt",
+    "train_on_responses_only",
     "without_generation_markers",
 ]
 
@@ -1021,3 +1022,7 @@ def _bos_added_on_encode(tokenizer) -> str | None:
         return None
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return tokenizer.bos_token if ids and ids[0] == bos_id else None
+
+
+# Unsloth's notebooks import it from here (``from unsloth.chat_templates import train_on_responses_only``).
+from .responses_only import train_on_responses_only  # noqa: E402,F401
