@@ -54,10 +54,33 @@ def test_labels_cover_exactly_the_replies(zoo, template, zoo_cache, tmp_path):
     trainer.train()
 
 
-def test_explicit_parts_and_last_response_only(zoo_cache, tmp_path):
+@pytest.mark.parametrize("zoo, template", CASES)
+def test_text_datasets_use_the_markers(zoo, template, zoo_cache, tmp_path):
+    """The legacy notebook flow renders conversations to a text column first: no conversations
+    left to take the template's mask from, so the markers are searched."""
+    from unsloth_like.chat_templates import apply_chat_template
+
+    model, tokenizer = load_zoo_model(zoo, cache_dir=zoo_cache)
+    tokenizer = get_chat_template(tokenizer, template)
+    dataset = apply_chat_template(Dataset.from_dict({"messages": _chats()}), tokenizer=tokenizer)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, bf16=False,
+                         max_length=512, dataset_text_field="text", disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns("messages"),
+                             processing_class=tokenizer)
+    train_on_responses_only(trainer)
+    stop = tokenizer.eos_token
+    for row, messages in zip(trainer.train_dataset, _chats()):
+        labelled = tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX])
+        expected = "".join("".join(m["content"].split()) + stop for m in messages if m["role"] == "assistant")
+        # TRL appends EOS to a text sample that does not end with it (ChatML ends with a newline)
+        assert "".join(labelled.split()) in (expected, expected + stop)
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["markers", "template-mask"])
+def test_last_response_only(explicit, zoo_cache, tmp_path):
     trainer, tokenizer = _trainer("qwen2", "chatml", zoo_cache, tmp_path)
-    train_on_responses_only(trainer, instruction_part="<|im_start|>user\n",
-                            response_part="<|im_start|>assistant\n", last_response_only=True)
+    parts = {"instruction_part": "<|im_start|>user\n", "response_part": "<|im_start|>assistant\n"} if explicit else {}
+    train_on_responses_only(trainer, last_response_only=True, **parts)
     for row, messages in zip(trainer.train_dataset, _chats()):
         labelled = tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX])
         assert labelled.strip() == messages[-1]["content"] + "<|im_end|>"

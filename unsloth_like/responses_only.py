@@ -3,7 +3,16 @@
 Works on a TRL ``SFTTrainer`` after it has tokenized its datasets: a ``labels`` column is added
 to ``trainer.train_dataset`` (and ``eval_dataset``), which TRL's collator uses as given.
 
-The labels come from the token sequences of ``instruction_part`` / ``response_part``: a reply is
+Where the labels come from, best first:
+
+1. the tokenizer's own assistant-token mask, when no markers are given, the dataset still has its
+   conversations (TRL
+   keeps the ``messages`` column) and the chat template marks replies with ``{% generation %}``
+   (all of ``unsloth_like.chat_templates`` do): the conversation is rendered again with
+   ``return_assistant_tokens_mask=True`` and, when its tokens are the sample's (or start them:
+   truncation), the mask is the labels. Exact, nothing to search for;
+2. otherwise marker search. The labels come from the token sequences of ``instruction_part`` /
+   ``response_part``: a reply is
 everything after a response marker up to the next instruction marker (or the end of the packed
 sequence). When the parts are not given they are derived from the tokenizer's own chat template by
 rendering a probe conversation: the assistant header is what the template writes between a user
@@ -25,9 +34,11 @@ many.
 from __future__ import annotations
 
 import logging
+import re
 
 logger = logging.getLogger(__name__)
 
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 IGNORE_INDEX = -100
 _PROBE = ("\u2063UNSLOTHLIKEUSER1\u2063", "\u2063UNSLOTHLIKEREPLY1\u2063", "\u2063UNSLOTHLIKEUSER2\u2063",
           "\u2063UNSLOTHLIKEREPLY2\u2063")
@@ -40,9 +51,13 @@ def train_on_responses_only(trainer, instruction_part: str | None = None, respon
     if (instruction_part is None) != (response_part is None):
         raise ValueError("Give both instruction_part and response_part, or neither (to derive them from the "
                          "tokenizer's chat template).")
-    if instruction_part is None:
+    derived = instruction_part is None
+    if derived:
         instruction_part, response_part = chat_template_parts(tokenizer)
     masker = _MarkerMasker(tokenizer, instruction_part, response_part, last_response_only)
+    # Markers given by the caller are what the caller wants searched; derived ones defer to the
+    # template's own mask where it has one.
+    masker.template_masks = derived and bool(_GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
     trainer.train_dataset = _with_labels(trainer.train_dataset, masker, drop_fully_masked, "train_dataset")
     if isinstance(trainer.eval_dataset, dict):
         trainer.eval_dataset = {k: _with_labels(v, masker, drop_fully_masked, f"eval_dataset[{k!r}]")
@@ -99,6 +114,7 @@ class _MarkerMasker:
     """Labels from marker token sequences (see the module docstring)."""
 
     def __init__(self, tokenizer, instruction_part: str, response_part: str, last_response_only: bool):
+        self.tokenizer, self.template_masks = tokenizer, False
         self.instruction_part, self.response_part = instruction_part, response_part
         self.instruction = _candidates(tokenizer, instruction_part)
         self.response = _candidates(tokenizer, response_part)
@@ -107,7 +123,11 @@ class _MarkerMasker:
     def describe(self) -> str:
         return f"response_part={self.response_part!r}, instruction_part={self.instruction_part!r}"
 
-    def labels(self, input_ids: list[int], seq_lengths: list[int] | None = None) -> list[int]:
+    def labels(self, input_ids: list[int], seq_lengths: list[int] | None = None, messages=None) -> list[int]:
+        mask = self._template_mask(input_ids, messages) if messages is not None and seq_lengths is None else None
+        if mask is not None:
+            labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask)]
+            return _last_run(labels) if self.last_response_only else labels
         labels = [IGNORE_INDEX] * len(input_ids)
         bounds = _sequence_bounds(len(input_ids), seq_lengths)
         for start, end in bounds:
@@ -117,6 +137,20 @@ class _MarkerMasker:
             for first, last in spans:
                 labels[first:last] = input_ids[first:last]
         return labels
+
+    def _template_mask(self, input_ids, messages):
+        """The chat template's assistant mask for ``messages`` when its tokens are ``input_ids``."""
+        if not self.template_masks:
+            return None
+        try:
+            rendered = self.tokenizer.apply_chat_template(messages, return_assistant_tokens_mask=True,
+                                                          return_dict=True)
+        except Exception:  # a conversation the template cannot render: search markers instead
+            return None
+        ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+        if ids[:len(input_ids)] != list(input_ids) or not any(mask):
+            return None
+        return mask[:len(input_ids)]
 
     def _reply_spans(self, ids, start, end):
         responses = _find_all(ids, self.response, start, end)
@@ -128,6 +162,15 @@ class _MarkerMasker:
             if stop > reply_start:
                 spans.append((reply_start, stop))
         return spans
+
+
+def _last_run(labels: list[int]) -> list[int]:
+    """Only the last contiguous run of unmasked labels (the final reply)."""
+    end = max((i for i, t in enumerate(labels) if t != IGNORE_INDEX), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [t if start <= i < end else IGNORE_INDEX for i, t in enumerate(labels)]
 
 
 def _candidates(tokenizer, part: str) -> list[list[int]]:
@@ -178,7 +221,8 @@ def _with_labels(dataset, masker: _MarkerMasker, drop_fully_masked: bool, name: 
     def add_labels(batch):
         result = []
         for i, ids in enumerate(batch["input_ids"]):
-            labels = masker.labels(ids, batch["seq_lengths"][i] if "seq_lengths" in batch else None)
+            labels = masker.labels(ids, batch["seq_lengths"][i] if "seq_lengths" in batch else None,
+                                   batch["messages"][i] if "messages" in batch else None)
             existing = batch["labels"][i] if "labels" in batch else None
             if existing is not None:  # keep what was already masked (assistant_only_loss, completion masks)
                 labels = [IGNORE_INDEX if old == IGNORE_INDEX else new for old, new in zip(existing, labels)]
