@@ -4,7 +4,6 @@ tokenizers, checked against the templates' own assistant-token masks."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402

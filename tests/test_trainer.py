@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-import torch
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402

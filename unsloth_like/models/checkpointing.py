@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
-MODES = ("unsloth", True, False)
 _MODE_ATTR = "_unsloth_like_checkpointing"  # the mode set by us, on the CausalLM
 _OVERRIDE_NAMES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
 
