@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..env import is_bfloat16_supported
+from ..save.merged import attach_save_methods
 from ..trainer import install_legacy_sft_keywords
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .lora import get_peft_model
@@ -108,7 +109,7 @@ class FastLanguageModel:
         if adapter_dir is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+            model = attach_save_methods(PeftModel.from_pretrained(model, adapter_dir, is_trainable=True))
             set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
         install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
         return model, tokenizer

@@ -28,6 +28,7 @@ import re
 import torch
 from torch import nn
 
+from ..save.merged import attach_save_methods
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .loftq import apply_loftq, check_loftq_config
 from .patching import is_patched, lora_fusion_report, patch_model, unpatch
@@ -104,7 +105,7 @@ def get_peft_model(
         base.max_seq_length = max_seq_length
     if peft_model is not model:
         _log_fusion(peft_model)
-    return peft_model
+    return attach_save_methods(peft_model)
 
 
 def _wrap(base, config, random_state: int):

@@ -1,0 +1,166 @@
+"""save_pretrained_merged: the merged checkpoint, reloaded by plain transformers, is the LoRA model."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+
+import peft
+import pytest
+import torch
+import transformers
+
+from unsloth_like import FastLanguageModel
+from unsloth_like.kernels import use_backend
+from unsloth_like.testing.zoo import zoo_model_dir
+
+PROMPTS = ["What is 3 plus 4?", "Describe a red kite."]
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with use_backend("torch"):
+        yield
+
+
+def _trained(name, zoo_cache, load_in_4bit=False, **lora):
+    """A LoRA model whose adapters moved away from their zero start (as after training)."""
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir(name, zoo_cache)),
+                                                         load_in_4bit=load_in_4bit)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False, **lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pname, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * 0.02)
+    return model, tokenizer
+
+
+def _inputs(tokenizer):
+    tokenizer.padding_side = "left"
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+def _logits_and_greedy(model, tokenizer):
+    model.eval()
+    inputs = _inputs(tokenizer)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return logits, tokens
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+def test_merged_16bit_reloads_as_the_lora_model(name, zoo_cache, tmp_path):
+    model, tokenizer = _trained(name, zoo_cache, use_rslora=name == "qwen3")
+    out = model.save_pretrained_merged(tmp_path / "merged", tokenizer, save_method="merged_16bit")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert not hasattr(reloaded.config, "quantization_config")
+    expected_logits, expected_tokens = _logits_and_greedy(model, tokenizer)
+    logits, tokens = _logits_and_greedy(reloaded, transformers.AutoTokenizer.from_pretrained(out))
+    assert (expected_logits - logits).abs().max() <= 1e-4
+    assert torch.equal(tokens, expected_tokens)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_qlora_merges_onto_the_original_16bit_weights(zoo_cache, tmp_path, caplog):
+    """A 4-bit load of a local 16-bit checkpoint: the merge lands on the original weights (not on
+    dequantised NF4), so the result equals the 16-bit base with the same adapter."""
+    model, tokenizer = _trained("llama", zoo_cache, load_in_4bit=True)
+    with caplog.at_level(logging.INFO, logger="unsloth_like"):
+        out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)
+    assert any("original weights" in r.getMessage() for r in caplog.records)
+    base16 = transformers.AutoModelForCausalLM.from_pretrained(zoo_model_dir("llama", zoo_cache))
+    reference = peft.get_peft_model(base16, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"]))
+    peft.set_peft_model_state_dict(reference, {k: v.float() for k, v in peft.get_peft_model_state_dict(model).items()})
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert json.loads((out / "config.json").read_text()).get("quantization_config") is None
+    expected, _ = _logits_and_greedy(reference, tokenizer)
+    logits, _ = _logits_and_greedy(reloaded, tokenizer)
+    assert (expected - logits).abs().max() <= 1e-4
+
+
+def test_trained_tied_embeddings_are_untied_and_sharded(zoo_cache, tmp_path):
+    """qwen2 ties lm_head to the embeddings; a trained lm_head copy (modules_to_save) must be
+    written on its own. Small shards exercise the index."""
+    model, tokenizer = _trained("qwen2", zoo_cache, modules_to_save=["lm_head"])
+    out = model.save_pretrained_merged(tmp_path / "merged", tokenizer, max_shard_size="300KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = collections.Counter(index["weight_map"].values())
+    assert len(files) > 2 and "lm_head.weight" in index["weight_map"]
+    # a shard holds at most 300 KB of tensors, unless one tensor alone is bigger (the embedding)
+    assert all(count == 1 or os.path.getsize(out / f) <= 300_000 + 16_384 for f, count in files.items())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.tie_word_embeddings is False
+    expected, _ = _logits_and_greedy(model, tokenizer)
+    logits, _ = _logits_and_greedy(reloaded, tokenizer)
+    assert (expected - logits).abs().max() <= 1e-4
+
+
+def test_in_memory_merge_without_a_local_checkpoint(zoo_cache, tmp_path):
+    model, tokenizer = _trained("qwen3", zoo_cache)
+    model.get_base_model().config._name_or_path = "someone/not-on-disk"
+    out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)
+    expected, _ = _logits_and_greedy(model, tokenizer)
+    logits, _ = _logits_and_greedy(transformers.AutoModelForCausalLM.from_pretrained(out), tokenizer)
+    assert (expected - logits).abs().max() <= 1e-4
+
+
+def test_lora_method_reloads_with_plain_peft(zoo_cache, tmp_path):
+    model, tokenizer = _trained("mistral", zoo_cache)
+    out = model.save_pretrained_merged(tmp_path / "adapter", tokenizer, save_method="lora")
+    assert (out / "adapter_config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    plain = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(zoo_model_dir("mistral", zoo_cache)), out)
+    expected, _ = _logits_and_greedy(model, tokenizer)
+    logits, _ = _logits_and_greedy(plain, tokenizer)
+    assert (expected - logits).abs().max() <= 1e-4
+
+
+def test_bad_input_is_refused_before_any_write(zoo_cache, tmp_path, monkeypatch):
+    model, tokenizer = _trained("qwen2", zoo_cache)
+    with pytest.raises(ValueError, match=r"save_method must be one of \('lora', 'merged_16bit'\)"):
+        model.save_pretrained_merged(tmp_path / "a", tokenizer, save_method="merged_8bit")
+    with pytest.raises(ValueError, match="max_shard_size"):
+        model.save_pretrained_merged(tmp_path / "a", tokenizer, max_shard_size="lots")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save_pretrained_merged(occupied, tokenizer)
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root can write anyway
+            with pytest.raises(PermissionError, match="Cannot write"):
+                model.save_pretrained_merged(locked / "out", tokenizer)
+    finally:
+        locked.chmod(0o700)
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(OSError, match="Not enough disk space"):
+        model.save_pretrained_merged(tmp_path / "full", tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "occupied"]
+
+
+def test_overwrite_replaces_an_existing_directory(zoo_cache, tmp_path):
+    model, tokenizer = _trained("qwen2", zoo_cache)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    model.save_pretrained_merged(target, tokenizer, overwrite=True)
+    assert not (target / "old.txt").exists() and (target / "model.safetensors").is_file()
+
+
+def test_dora_is_refused_with_a_pointer_to_lora_saves(zoo_cache, tmp_path):
+    model, tokenizer = _trained("qwen2", zoo_cache, use_dora=True)
+    with pytest.raises(ValueError, match="save_method='lora'"):
+        model.save_pretrained_merged(tmp_path / "out", tokenizer)
+    assert not (tmp_path / "out").exists()

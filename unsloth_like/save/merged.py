@@ -1,0 +1,218 @@
+"""``model.save_pretrained_merged(save_directory, tokenizer, save_method=...)`` (Unsloth's name).
+
+``save_method``:
+
+* ``"lora"``: the adapter directory PEFT writes (plus the tokenizer), loadable by plain PEFT;
+* ``"merged_16bit"``: the base model with the adapter merged in (``merge.py``), as a standard
+  transformers checkpoint in the base's own dtype, loadable by ``AutoModelForCausalLM``.
+
+Everything is checked before any work: the method, ``max_shard_size``, a target directory that
+exists and is not empty (refused unless ``overwrite=True``), a parent that is writable, free disk
+space for the expected output. Writes are atomic: everything goes to a temporary directory next
+to the target, renamed into place at the end, so a killed save never leaves a directory that
+looks complete. A tqdm bar counts tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .merge import ShardWriter, checkpoint_files, iter_checkpoint, merged_tensor, plan_merge
+
+logger = logging.getLogger(__name__)
+
+SAVE_METHODS = ("lora", "merged_16bit")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def attach_save_methods(peft_model):
+    """Bind ``save_pretrained_merged`` to this model object (per instance, like our patching)."""
+    import types
+
+    peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
+    return peft_model
+
+
+def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: str = "merged_16bit",
+                           max_shard_size="5GB", safe_serialization: bool = True, overwrite: bool = False,
+                           **kwargs):
+    """Save ``model`` (a PEFT model from ``get_peft_model``) as ``save_method`` (see the module
+    docstring) into ``save_directory``; returns the directory as a ``Path``."""
+    if save_method not in SAVE_METHODS:
+        hint = " (merged_4bit is not implemented yet)" if save_method in ("merged_4bit", "merged_4bit_forced") else ""
+        raise ValueError(f"save_method must be one of {SAVE_METHODS}, got {save_method!r}{hint}.")
+    if not safe_serialization:
+        raise ValueError("Only safetensors output is written; drop safe_serialization=False.")
+    if kwargs:
+        raise TypeError(f"save_pretrained_merged got unexpected arguments {sorted(kwargs)}.")
+    max_bytes = parse_size(max_shard_size)
+    target = Path(save_directory).expanduser()
+    _check_target(target, overwrite)
+    if save_method == "lora":
+        with atomic_directory(target, overwrite) as staging:
+            model.save_pretrained(staging)
+            _save_tokenizer(tokenizer, staging)
+        return target
+    plan = plan_merge(model)  # refuses unsupported adapters before anything is written
+    base = model.get_base_model()
+    entries, expected_bytes, described = _base_tensors(model, base)
+    _check_disk_space(target, expected_bytes)
+    logger.info("save_pretrained_merged: merging onto %s.", described)
+    with atomic_directory(target, overwrite) as staging:
+        written = _write_merged(model, base, plan, entries, staging, max_bytes)
+        _save_config(base, staging, untie=plan.untie, dtype=written)
+        _save_tokenizer(tokenizer, staging)
+    return target
+
+
+# --- the merged weights ---------------------------------------------------------------------------
+
+
+def _base_tensors(model, base):
+    """``(iterator of (key, tensor), total bytes, description)`` of the base weights to merge onto."""
+    source = local_checkpoint(base)
+    if source is not None:
+        files = checkpoint_files(source)
+        return iter_checkpoint(files), sum(f.stat().st_size for f in files), f"the original weights in {source}"
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        raise ValueError("This model was loaded quantised and its 16-bit checkpoint is not available locally "
+                         f"(config name_or_path {base.config._name_or_path!r}); merging onto dequantised weights is "
+                         "not implemented yet. Save with save_method='lora', or load the base from a local 16-bit "
+                         "checkpoint directory.")
+    tensors = dict(in_memory_tensors(model))
+    return iter(tensors.items()), sum(t.numel() * t.element_size() for t in tensors.values()), "the model's weights in memory"
+
+
+def local_checkpoint(base) -> Path | None:
+    """The local, unquantised safetensors checkpoint the base model was loaded from, if any."""
+    name = getattr(base.config, "_name_or_path", None) or getattr(base, "name_or_path", None)
+    if not name or not Path(name).is_dir():
+        return None
+    directory = Path(name)
+    config_file = directory / "config.json"
+    if not config_file.is_file() or '"quantization_config"' in config_file.read_text():
+        return None
+    return directory if checkpoint_files(directory) else None
+
+
+def in_memory_tensors(model):
+    """``(checkpoint key, tensor)`` of the base model as it is in memory, PEFT wrappers removed
+    (references, not copies)."""
+    for key, tensor in model.get_base_model().state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        yield key.replace(".base_layer.", ".").replace(".original_module.", "."), tensor
+
+
+def _write_merged(model, base, plan, entries, staging: Path, max_bytes: int):
+    """Writes the merged shards; returns the widest floating dtype written (the config's dtype)."""
+    from tqdm.auto import tqdm
+
+    memory = _embedding_tensors(model, base)
+    writer = ShardWriter(staging, max_bytes)
+    dtypes = {}
+    for key, tensor in tqdm(entries, desc="Merging LoRA", unit="tensor"):
+        if key in memory and memory[key].shape != tensor.shape:  # a resized vocabulary
+            tensor = memory[key].detach().to(tensor.dtype).cpu()
+        out = merged_tensor(key, tensor, plan)
+        writer.add(key, out)
+        dtypes[key] = out.dtype
+    if plan.untie and "lm_head.weight" not in dtypes:  # tied in the checkpoint, different now
+        head = _effective_weight(base.get_output_embeddings(), model.active_adapter)
+        writer.add("lm_head.weight", head.detach().cpu().to(dtypes.get("model.embed_tokens.weight", head.dtype)))
+    writer.finish()
+    floating = [d for d in dtypes.values() if d.is_floating_point]
+    return max(floating, key=lambda d: d.itemsize) if floating else None
+
+
+def _effective_weight(module, adapter: str):
+    """The weight a (possibly ``modules_to_save``-wrapped) module computes with."""
+    if type(module).__name__ == "ModulesToSaveWrapper":
+        module = module.modules_to_save[adapter] if adapter in module.modules_to_save else module.original_module
+    return module.weight
+
+
+def _embedding_tensors(model, base) -> dict:
+    keys = ("model.embed_tokens.weight", "lm_head.weight")
+    return {k: t for k, t in in_memory_tensors(model) if k in keys}
+
+
+# --- config, tokenizer ----------------------------------------------------------------------------
+
+
+def _save_config(base, staging: Path, untie: bool, dtype) -> None:
+    config = copy.deepcopy(base.config)
+    for attribute in ("quantization_config", "unsloth_return_logits"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    if untie:
+        config.get_text_config().tie_word_embeddings = False
+        config.tie_word_embeddings = False
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(staging)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(staging)
+
+
+def _save_tokenizer(tokenizer, staging: Path) -> None:
+    if tokenizer is None:
+        logger.warning("save_pretrained_merged: no tokenizer given, so none is saved with the model; pass "
+                       "tokenizer=... to get a directory you can load and chat with.")
+        return
+    tokenizer.save_pretrained(staging)
+
+
+# --- checks and atomic writes ---------------------------------------------------------------------
+
+
+def parse_size(size) -> int:
+    """``5GB`` / ``500MB`` / ``"2GiB"`` / an int of bytes -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size must be a positive size such as '5GB', '500MB' or a number of bytes, "
+                         f"got {size!r}.")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is a file; choose a directory path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; choose a new directory or pass overwrite=True.")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot write into {parent}; choose a directory you can write to.")
+
+
+def _check_disk_space(target: Path, expected_bytes: int) -> None:
+    free = shutil.disk_usage(target.parent).free
+    needed = int(expected_bytes * 1.05) + (64 << 20)  # the shards, configs and tokenizer, with margin
+    if free < needed:
+        raise OSError(f"Not enough disk space in {target.parent}: the merged model needs about "
+                      f"{needed / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free.")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, overwrite: bool):
+    """A temporary directory next to ``target``, renamed to ``target`` when the block succeeds."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            if not overwrite and any(target.iterdir()):
+                raise FileExistsError(f"{target} appeared while saving; nothing was replaced.")
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
