@@ -164,3 +164,39 @@ def test_dora_is_refused_with_a_pointer_to_lora_saves(zoo_cache, tmp_path):
     with pytest.raises(ValueError, match="save_method='lora'"):
         model.save_pretrained_merged(tmp_path / "out", tokenizer)
     assert not (tmp_path / "out").exists()
+
+
+KILL_MID_SAVE = """
+import os, signal, sys
+from unsloth_like import FastLanguageModel
+from unsloth_like.save import merge
+from unsloth_like.testing.zoo import zoo_model_dir
+
+model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen2", sys.argv[1])), load_in_4bit=False)
+model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+real_flush = merge.ShardWriter.flush
+
+def flush_then_die(self):
+    real_flush(self)
+    if len(self.shards) == 2:  # some shards written, the rest not
+        os.kill(os.getpid(), signal.SIGKILL)
+
+merge.ShardWriter.flush = flush_then_die
+model.save_pretrained_merged(sys.argv[2], tokenizer, max_shard_size="300KB")
+"""
+
+
+@pytest.mark.slow
+def test_a_save_killed_midway_leaves_no_target_directory(zoo_cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    target = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(zoo_cache), str(target)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not target.exists()
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".merged-")]
+    assert len(staging) == 1 and any(staging[0].glob(".shard-*"))  # the killed work, hidden and incomplete
