@@ -123,7 +123,7 @@ def test_lora_method_reloads_with_plain_peft(zoo_cache, tmp_path):
 
 def test_bad_input_is_refused_before_any_write(zoo_cache, tmp_path, monkeypatch):
     model, tokenizer = _trained("qwen2", zoo_cache)
-    with pytest.raises(ValueError, match=r"save_method must be one of \('lora', 'merged_16bit'\)"):
+    with pytest.raises(ValueError, match=r"one of \('lora', 'merged_16bit', 'merged_4bit', 'merged_4bit_forced'\), got 'merged_8bit'"):
         model.save_pretrained_merged(tmp_path / "a", tokenizer, save_method="merged_8bit")
     with pytest.raises(ValueError, match="max_shard_size"):
         model.save_pretrained_merged(tmp_path / "a", tokenizer, max_shard_size="lots")
@@ -200,3 +200,28 @@ def test_a_save_killed_midway_leaves_no_target_directory(zoo_cache, tmp_path):
     assert not target.exists()
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(".merged-")]
     assert len(staging) == 1 and any(staging[0].glob(".shard-*"))  # the killed work, hidden and incomplete
+
+
+@pytest.mark.parametrize("method", ["merged_4bit", "merged_4bit_forced"])
+def test_merged_4bit_reloads_with_bitsandbytes(method, zoo_cache, tmp_path, caplog):
+    """The 4-bit checkpoint is the merged 16-bit one quantised to NF4: it reloads pre-quantised and
+    computes what the merged 16-bit checkpoint computes when loaded in 4-bit. Compared in train mode
+    under no_grad: on CPU an eval-mode forward makes bitsandbytes repack its weights."""
+    model, tokenizer = _trained("llama", zoo_cache)
+    with caplog.at_level(logging.WARNING, logger="unsloth_like"):
+        out = model.save_pretrained_merged(tmp_path / "q", tokenizer, save_method=method)
+    assert any("4 bits" in r.getMessage() for r in caplog.records)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert not (out / ".merged-16bit").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.is_loaded_in_4bit
+    merged16 = model.save_pretrained_merged(tmp_path / "m16", tokenizer)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        merged16, quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"]))
+    inputs = _inputs(tokenizer)
+    reloaded.train(), reference.train()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, reference(**inputs).logits, rtol=0, atol=1e-5)

@@ -4,7 +4,11 @@
 
 * ``"lora"``: the adapter directory PEFT writes (plus the tokenizer), loadable by plain PEFT;
 * ``"merged_16bit"``: the base model with the adapter merged in (``merge.py``), as a standard
-  transformers checkpoint in the base's own dtype, loadable by ``AutoModelForCausalLM``.
+  transformers checkpoint in the base's own dtype, loadable by ``AutoModelForCausalLM``;
+* ``"merged_4bit"`` (alias ``"merged_4bit_forced"``, Unsloth's name): that merged checkpoint
+  quantised to bitsandbytes NF4 (double quantisation, the base's compute dtype) and saved as a
+  pre-quantised transformers checkpoint. Rounding the merged weights to 4 bits loses precision
+  (a warning says so): for further training or exact inference keep ``merged_16bit``.
 
 Everything is checked before any work: the method, ``max_shard_size``, a target directory that
 exists and is not empty (refused unless ``overwrite=True``), a parent that is writable, free disk
@@ -28,7 +32,7 @@ from .merge import ShardWriter, checkpoint_files, iter_checkpoint, merged_tensor
 
 logger = logging.getLogger(__name__)
 
-SAVE_METHODS = ("lora", "merged_16bit")
+SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit", "merged_4bit_forced")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -46,8 +50,7 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
     """Save ``model`` (a PEFT model from ``get_peft_model``) as ``save_method`` (see the module
     docstring) into ``save_directory``; returns the directory as a ``Path``."""
     if save_method not in SAVE_METHODS:
-        hint = " (merged_4bit is not implemented yet)" if save_method in ("merged_4bit", "merged_4bit_forced") else ""
-        raise ValueError(f"save_method must be one of {SAVE_METHODS}, got {save_method!r}{hint}.")
+        raise ValueError(f"save_method must be one of {SAVE_METHODS}, got {save_method!r}.")
     if not safe_serialization:
         raise ValueError("Only safetensors output is written; drop safe_serialization=False.")
     if kwargs:
@@ -63,13 +66,40 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
     plan = plan_merge(model)  # refuses unsupported adapters before anything is written
     base = model.get_base_model()
     entries, expected_bytes, described = _base_tensors(model, base)
-    _check_disk_space(target, expected_bytes)
+    # merged_4bit holds the 16-bit merge and its 4-bit copy at once, until the former is deleted
+    _check_disk_space(target, expected_bytes * (1 if save_method == "merged_16bit" else 1.3))
     logger.info("save_pretrained_merged: merging onto %s.", described)
     with atomic_directory(target, overwrite) as staging:
-        written = _write_merged(model, base, plan, entries, staging, max_bytes)
-        _save_config(base, staging, untie=plan.untie, dtype=written)
+        merged_dir = staging / ".merged-16bit" if save_method != "merged_16bit" else staging
+        merged_dir.mkdir(exist_ok=True)
+        written = _write_merged(model, base, plan, entries, merged_dir, max_bytes)
+        _save_config(base, merged_dir, untie=plan.untie, dtype=written)
+        if merged_dir is not staging:
+            _quantize_4bit(merged_dir, staging, base, max_shard_size)
+            shutil.rmtree(merged_dir)
         _save_tokenizer(tokenizer, staging)
     return target
+
+
+def _quantize_4bit(merged_dir: Path, staging: Path, base, max_shard_size) -> None:
+    """Load the merged 16-bit checkpoint in NF4 and save it pre-quantised."""
+    import torch
+    import transformers
+
+    logger.warning("save_method='merged_4bit' rounds the merged weights to 4 bits (NF4): the saved model is less "
+                   "precise than the LoRA model. Keep save_method='merged_16bit' for exact results.")
+    compute_dtype = getattr(getattr(base.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or base.dtype,
+        llm_int8_skip_modules=["lm_head"])
+    device = base.device if base.device.type == "cuda" else "cpu"
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        merged_dir, quantization_config=quantization, device_map={"": device})
+    quantized.save_pretrained(staging, max_shard_size=max_shard_size)
+    del quantized
 
 
 # --- the merged weights ---------------------------------------------------------------------------
@@ -195,7 +225,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise PermissionError(f"Cannot write into {parent}; choose a directory you can write to.")
 
 
-def _check_disk_space(target: Path, expected_bytes: int) -> None:
+def _check_disk_space(target: Path, expected_bytes: float) -> None:
     free = shutil.disk_usage(target.parent).free
     needed = int(expected_bytes * 1.05) + (64 << 20)  # the shards, configs and tokenizer, with margin
     if free < needed:
