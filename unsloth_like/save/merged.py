@@ -37,10 +37,14 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**1
 
 
 def attach_save_methods(peft_model):
-    """Bind ``save_pretrained_merged`` to this model object (per instance, like our patching)."""
+    """Bind ``save_pretrained_merged`` / ``push_to_hub_merged`` to this model object (per
+    instance, like our patching)."""
     import types
 
+    from .hub import push_to_hub_merged
+
     peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
+    peft_model.push_to_hub_merged = types.MethodType(push_to_hub_merged, peft_model)
     return peft_model
 
 
@@ -78,7 +82,19 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
             _quantize_4bit(merged_dir, staging, base, max_shard_size)
             shutil.rmtree(merged_dir)
         _save_tokenizer(tokenizer, staging)
+        _write_model_card(staging, base, save_method)
     return target
+
+
+def _write_model_card(staging: Path, base, save_method: str) -> None:
+    name = getattr(base.config, "_name_or_path", "") or "unknown"
+    base_line = f"base_model: {name}\n" if "/" in name and not Path(name).exists() else ""
+    (staging / "README.md").write_text(
+        f"---\n{base_line}library_name: transformers\ntags:\n- unsloth_like\n- lora\n- {save_method}\n---\n\n"
+        f"# {Path(name).name or 'model'} with its LoRA adapter merged\n\n"
+        f"Saved by unsloth_like with `save_method=\"{save_method}\"`: the LoRA update `W + s·B·A` was merged "
+        "in fp32 and cast once to each weight's dtype. Load it with `transformers.AutoModelForCausalLM.from_pretrained`."
+        + (" The weights are bitsandbytes NF4 (4-bit)." if save_method.startswith("merged_4bit") else "") + "\n")
 
 
 def _quantize_4bit(merged_dir: Path, staging: Path, base, max_shard_size) -> None:
