@@ -159,8 +159,17 @@ def test_overwrite_replaces_an_existing_directory(zoo_cache, tmp_path):
     assert not (target / "old.txt").exists() and (target / "model.safetensors").is_file()
 
 
-def test_dora_is_refused_with_a_pointer_to_lora_saves(zoo_cache, tmp_path):
+def test_dora_merges_like_peft(zoo_cache, tmp_path):
+    """DoRA magnitudes: the merged checkpoint computes what the DoRA model computes."""
     model, tokenizer = _trained("qwen2", zoo_cache, use_dora=True)
+    out = model.save_pretrained_merged(tmp_path / "out", tokenizer)
+    expected, expected_tokens = _logits_and_greedy(model, tokenizer)
+    logits, tokens = _logits_and_greedy(transformers.AutoModelForCausalLM.from_pretrained(out), tokenizer)
+    assert (expected - logits).abs().max() <= 1e-4 and torch.equal(tokens, expected_tokens)
+
+
+def test_unsupported_adapters_are_refused_with_a_pointer_to_lora_saves(zoo_cache, tmp_path):
+    model, tokenizer = _trained("llama", zoo_cache, lora_bias=True)
     with pytest.raises(ValueError, match="save_method='lora'"):
         model.save_pretrained_merged(tmp_path / "out", tokenizer)
     assert not (tmp_path / "out").exists()
@@ -225,3 +234,19 @@ def test_merged_4bit_reloads_with_bitsandbytes(method, zoo_cache, tmp_path, capl
     reloaded.train(), reference.train()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, reference(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_qlora_without_its_16bit_checkpoint_merges_onto_dequantised_weights(zoo_cache, tmp_path, caplog):
+    """No local 16-bit checkpoint: the merge starts from the NF4 weights dequantised (bit-exact),
+    so the merged model computes what the QLoRA model computes."""
+    model, tokenizer = _trained("llama", zoo_cache, load_in_4bit=True)
+    model.get_base_model().config._name_or_path = "someone/not-on-disk"
+    with caplog.at_level(logging.INFO, logger="unsloth_like"):
+        out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)
+    assert any("dequantised NF4" in r.getMessage() for r in caplog.records)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    inputs = _inputs(tokenizer)
+    model.train(), reloaded.eval()  # train mode under no_grad: no CPU repacking of the 4-bit weights
+    with torch.no_grad():
+        expected, logits = model(**inputs).logits, reloaded(**inputs).logits
+    assert (expected - logits).abs().max() <= 1e-4

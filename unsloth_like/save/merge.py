@@ -15,9 +15,10 @@ What replaces or changes a base tensor:
 * tensors whose in-memory shape differs from the checkpoint's (a resized vocabulary);
 * tied embeddings whose lm_head or embedding changed: both are written and the tie is dropped.
 
-Adapters this merge cannot express exactly are refused with a clear error, never approximated:
-DoRA and other variants, ``lora_bias``, several active adapters, ``fan_in_fan_out`` layers,
-trainable-token deltas.
+DoRA layers merge as PEFT merges them: ``W' = m / ‖W + s·B·A‖_row · (W + s·B·A)`` with the
+norm of each output row taken in fp32. Adapters this merge cannot express exactly are refused
+with a clear error, never approximated: other variants, ``lora_bias``, several active adapters,
+``fan_in_fan_out`` layers, trainable-token deltas.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ INDEX_NAME = "model.safetensors.index.json"
 
 @dataclass
 class MergePlan:
-    """What the merge changes: ``deltas[key] = (A, B, scaling)``, ``replacements[key] = tensor``."""
+    """What the merge changes: ``deltas[key] = (A, B, scaling)``, ``magnitudes[key] = m`` (DoRA),
+    ``replacements[key] = tensor``."""
 
     deltas: dict = field(default_factory=dict)
+    magnitudes: dict = field(default_factory=dict)
     replacements: dict = field(default_factory=dict)
     untie: bool = False
 
@@ -57,6 +60,8 @@ def plan_merge(peft_model) -> MergePlan:
             _check_mergeable(name, module, adapter)
             plan.deltas[f"{name}.weight"] = (module.lora_A[adapter].weight, module.lora_B[adapter].weight,
                                              float(module.scaling[adapter]))
+            if adapter in getattr(module, "lora_magnitude_vector", {}):
+                plan.magnitudes[f"{name}.weight"] = module.lora_magnitude_vector[adapter].weight
         elif type(module).__name__ == "ModulesToSaveWrapper" and adapter in module.modules_to_save:
             for pname, param in module.modules_to_save[adapter].named_parameters():
                 plan.replacements[f"{name}.{pname}"] = param
@@ -70,9 +75,10 @@ def plan_merge(peft_model) -> MergePlan:
 
 
 def _check_mergeable(name: str, module, adapter: str) -> None:
-    if adapter in getattr(module, "lora_variant", {}):
-        raise ValueError(f"{name} uses {type(module.lora_variant[adapter]).__name__} (e.g. DoRA), which this merge "
-                         "does not support yet; save with save_method='lora'.")
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        raise ValueError(f"{name} uses the LoRA variant {type(variant).__name__}, which this merge does not support; "
+                         "save with save_method='lora'.")
     if getattr(module, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"{name} has lora_bias=True, which this merge does not support yet; "
                          "save with save_method='lora'.")
@@ -91,7 +97,11 @@ def merged_tensor(key: str, tensor: torch.Tensor, plan: MergePlan) -> torch.Tens
     if delta.shape != tensor.shape:
         raise ValueError(f"The LoRA delta of {key} has shape {tuple(delta.shape)} but the base tensor has "
                          f"{tuple(tensor.shape)}; the adapter does not belong to this checkpoint.")
-    return (tensor.float() + delta).to(tensor.dtype)
+    merged = tensor.float() + delta
+    if key in plan.magnitudes:  # DoRA: rescale each output row to its learned magnitude
+        magnitude = plan.magnitudes[key].detach().float().cpu()
+        merged = merged * (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+    return merged.to(tensor.dtype)
 
 
 def checkpoint_files(directory: Path) -> list[Path] | None:

@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .merge import ShardWriter, checkpoint_files, iter_checkpoint, merged_tensor, plan_merge
 
 logger = logging.getLogger(__name__)
@@ -127,13 +129,16 @@ def _base_tensors(model, base):
     if source is not None:
         files = checkpoint_files(source)
         return iter_checkpoint(files), sum(f.stat().st_size for f in files), f"the original weights in {source}"
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        raise ValueError("This model was loaded quantised and its 16-bit checkpoint is not available locally "
-                         f"(config name_or_path {base.config._name_or_path!r}); merging onto dequantised weights is "
-                         "not implemented yet. Save with save_method='lora', or load the base from a local 16-bit "
-                         "checkpoint directory.")
-    tensors = dict(in_memory_tensors(model))
-    return iter(tensors.items()), sum(t.numel() * t.element_size() for t in tensors.values()), "the model's weights in memory"
+    if getattr(base, "is_loaded_in_8bit", False):
+        raise ValueError("This model was loaded in 8-bit and its 16-bit checkpoint is not available locally "
+                         f"(config name_or_path {base.config._name_or_path!r}); merging onto int8 weights is not "
+                         "supported. Save with save_method='lora', or load the base from a local 16-bit checkpoint.")
+    described = "the model's weights in memory"
+    if getattr(base, "is_loaded_in_4bit", False):
+        described = ("dequantised NF4 weights: the 16-bit checkpoint the model was loaded from is not available "
+                     f"locally ({base.config._name_or_path!r}), so the merge starts from the 4-bit rounding")
+    sizes = {k: v for k, v in _in_memory_sizes(model)}
+    return in_memory_tensors(model), sum(sizes.values()), described
 
 
 def local_checkpoint(base) -> Path | None:
@@ -149,12 +154,43 @@ def local_checkpoint(base) -> Path | None:
 
 
 def in_memory_tensors(model):
-    """``(checkpoint key, tensor)`` of the base model as it is in memory, PEFT wrappers removed
-    (references, not copies)."""
+    """``(checkpoint key, tensor)`` of the base model as it is in memory, PEFT wrappers removed:
+    references, except NF4 weights, dequantised one at a time (bit-exact with bitsandbytes)."""
+    from ..kernels.quant import dequantize_nf4
+
+    nf4 = _nf4_modules(model.get_base_model())
     for key, tensor in model.get_base_model().state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key:
+        if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):
             continue
+        if key in nf4:
+            weight = nf4[key].weight
+            tensor = dequantize_nf4(weight.data, weight.quant_state)
         yield key.replace(".base_layer.", ".").replace(".original_module.", "."), tensor
+
+
+def _in_memory_sizes(model):
+    """Bytes of each output tensor, without dequantising anything."""
+    nf4 = _nf4_modules(model.get_base_model())
+    for key, tensor in model.get_base_model().state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):
+            continue
+        if key in nf4:
+            state = nf4[key].weight.quant_state
+            yield key, int(torch.Size(state.shape).numel()) * state.dtype.itemsize
+        else:
+            yield key, tensor.numel() * tensor.element_size()
+
+
+def _nf4_modules(base) -> dict:
+    """``{state_dict key of the packed weight: module}`` for bitsandbytes 4-bit layers."""
+    return {f"{name}.weight": module for name, module in base.named_modules()
+            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")}
+
+
+def _is_quant_state_key(key: str, nf4: dict) -> bool:
+    """bitsandbytes stores a 4-bit weight's quantisation state as extra ``<weight>.*`` entries."""
+    marker = key.find(".weight.")
+    return marker >= 0 and key[:marker + len(".weight")] in nf4
 
 
 def _write_merged(model, base, plan, entries, staging: Path, max_bytes: int):
