@@ -250,3 +250,26 @@ def test_qlora_without_its_16bit_checkpoint_merges_onto_dequantised_weights(zoo_
     with torch.no_grad():
         expected, logits = model(**inputs).logits, reloaded(**inputs).logits
     assert (expected - logits).abs().max() <= 1e-4
+
+
+def test_resized_vocabulary_with_trained_embeddings(zoo_cache, tmp_path):
+    """New tokens: the embedding and lm_head grew beyond the checkpoint's; the merged checkpoint
+    takes the grown, trained tensors from memory and reloads with the new vocabulary."""
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    old_rows = model.get_input_embeddings().num_embeddings
+    tokenizer.add_tokens(["<think>", "</think>"])
+    model.resize_token_embeddings(old_rows + 2)
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False,
+                                             modules_to_save=["embed_tokens", "lm_head"])
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+    out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.get_input_embeddings().num_embeddings == old_rows + 2
+    inputs = tokenizer(["<think> What is 3 plus 4? </think>"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        expected, logits = model(**inputs).logits, reloaded(**inputs).logits
+    assert (expected - logits).abs().max() <= 1e-4
