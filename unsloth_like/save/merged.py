@@ -70,6 +70,9 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
             _save_tokenizer(tokenizer, staging)
         return target
     plan = plan_merge(model)  # refuses unsupported adapters before anything is written
+    if save_method != "merged_16bit":
+        logger.warning("save_method=%r rounds the merged weights to 4 bits (NF4): the saved model is less precise "
+                       "than the LoRA model. Keep save_method='merged_16bit' for exact results.", save_method)
     base = model.get_base_model()
     entries, expected_bytes, described = _base_tensors(model, base)
     # merged_4bit holds the 16-bit merge and its 4-bit copy at once, until the former is deleted
@@ -101,11 +104,8 @@ def _write_model_card(staging: Path, base, save_method: str) -> None:
 
 def _quantize_4bit(merged_dir: Path, staging: Path, base, max_shard_size) -> None:
     """Load the merged 16-bit checkpoint in NF4 and save it pre-quantised."""
-    import torch
     import transformers
 
-    logger.warning("save_method='merged_4bit' rounds the merged weights to 4 bits (NF4): the saved model is less "
-                   "precise than the LoRA model. Keep save_method='merged_16bit' for exact results.")
     compute_dtype = getattr(getattr(base.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
