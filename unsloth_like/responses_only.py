@@ -5,20 +5,19 @@ to ``trainer.train_dataset`` (and ``eval_dataset``), which TRL's collator uses a
 
 Where the labels come from, best first:
 
-1. the tokenizer's own assistant-token mask, when no markers are given, the dataset still has its
-   conversations (TRL
-   keeps the ``messages`` column) and the chat template marks replies with ``{% generation %}``
-   (all of ``unsloth_like.chat_templates`` do): the conversation is rendered again with
-   ``return_assistant_tokens_mask=True`` and, when its tokens are the sample's (or start them:
-   truncation), the mask is the labels. Exact, nothing to search for;
-2. otherwise marker search. The labels come from the token sequences of ``instruction_part`` /
-   ``response_part``: a reply is
-everything after a response marker up to the next instruction marker (or the end of the packed
-sequence). When the parts are not given they are derived from the tokenizer's own chat template by
-rendering a probe conversation: the assistant header is what the template writes between a user
-turn and an assistant reply, the user header what it writes between a reply's end-of-turn and the
-next user turn. A marker may tokenize differently in context (a leading space or newline merging
-into the previous token); the search then tries the marker without its first token, then stripped.
+1. The tokenizer's own assistant-token mask, when no markers are given, the dataset still has its
+   conversations (TRL keeps the ``messages`` column) and the chat template marks replies with
+   ``{% generation %}`` (all of ``unsloth_like.chat_templates`` do): the conversation is rendered
+   again with ``return_assistant_tokens_mask=True`` and, when its tokens are the sample's (or
+   start them: truncation), the mask is the labels. Exact, nothing to search for.
+2. Otherwise, marker search over the token sequences of ``instruction_part`` / ``response_part``:
+   a reply is everything after a response marker up to the next instruction marker (or the end of
+   the packed sequence). When the parts are not given they are derived from the tokenizer's own
+   chat template by rendering a probe conversation: the assistant header is what the template
+   writes between a user turn and an assistant reply, the user header what it writes between a
+   reply's end-of-turn and the next user turn. A marker may tokenize differently in context (a
+   leading space or newline merging into the previous token); the search then tries the marker
+   without its first token, then stripped.
 
 Labels already in the dataset are kept where they mask (the result is the intersection). That is
 how the exact route composes: with a template carrying ``{% generation %}`` markers (all of
