@@ -87,6 +87,12 @@ def test_adapter_directory_loads_base_then_adapter_trainable(zoo_cache, tmp_path
 
 
 @pytest.fixture
+def llama_dir(zoo_cache):
+    """Built before ``nothing_heavy_loads`` patches loading (fixtures set up in argument order)."""
+    return zoo_model_dir("llama", zoo_cache)
+
+
+@pytest.fixture
 def nothing_heavy_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the arguments were checked")
@@ -107,8 +113,8 @@ def nothing_heavy_loads(monkeypatch):
         ({"device_map": "tpu"}, ValueError, "device_map must be"),
     ],
 )
-def test_bad_arguments_fail_before_loading(kwargs, error, message, zoo_cache, nothing_heavy_loads):
-    arguments = {"model_name": str(zoo_model_dir("llama", zoo_cache)), **kwargs}
+def test_bad_arguments_fail_before_loading(kwargs, error, message, llama_dir, nothing_heavy_loads):
+    arguments = {"model_name": str(llama_dir), **kwargs}
     with pytest.raises(error, match=message):
         FastLanguageModel.from_pretrained(**arguments)
 
