@@ -51,9 +51,14 @@ def _sft_step(model, tokenizer, tmp_path, batch_size, accumulation):
                            learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                            max_grad_norm=0.0, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
                            max_length=96, seed=0, disable_tqdm=True, gradient_checkpointing=False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=_conversations(), processing_class=tokenizer)
-    trainer.train()
+    return _update(model, trainer.train)
+
+
+def _update(model, train):
+    """The change ``train()`` makes to the trainable parameters."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train()
     return {n: p.detach() - before[n] for n, p in model.named_parameters() if n in before}
 
 
@@ -115,9 +120,7 @@ def _trainer_step(model, tokenizer, tmp_path, batch_size, accumulation):
                              learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                              max_grad_norm=0.0, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
                              seed=0, disable_tqdm=True, remove_unused_columns=False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate).train()
-    return {n: p.detach() - before[n] for n, p in model.named_parameters() if n in before}
+    return _update(model, Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate).train)
 
 
 def test_gradient_accumulation_is_exact_through_our_fused_loss(zoo_cache, tmp_path):

@@ -50,6 +50,20 @@ def _curves(zoo_cache, device="cpu", steps=30):
     return _losses(base, batches, steps), _losses(fast, batches, steps)
 
 
+def _sft_losses(model, tokenizer, output_dir, steps=3):
+    """Losses of a short TRL SFTTrainer run on the demo chats (CPU, fp32)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=4,
+                       learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+                       bf16=False, use_cpu=True, max_length=64, seed=0, disable_tqdm=True)
+    dataset = Dataset.from_dict({"messages": demo_conversations(12, seed=2)})
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def _assert_within_1_percent(upstream, ours):
     assert upstream[-1] < upstream[0] - 1.0  # it does learn
     for step, (a, b) in enumerate(zip(upstream, ours)):
@@ -71,17 +85,8 @@ def test_trl_sft_trainer_trains_a_patched_model_like_upstream(zoo_cache, tmp_pat
     """TRL 1.16 installs its own fused LM head (``add_fused_lm_head``) around ``model.forward`` and
     computes the SFT loss from the backbone's hidden states, so our fused loss is not used under
     SFTTrainer and the two never both run; the patched layers still are. Same losses as upstream."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     def train(model, tokenizer, name):
-        config = SFTConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
-                           learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-                           bf16=False, use_cpu=True, max_length=64, seed=0, disable_tqdm=True)
-        dataset = Dataset.from_dict({"messages": demo_conversations(12, seed=2)})
-        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-        trainer.train()
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return _sft_losses(model, tokenizer, tmp_path / name)
 
     base, tokenizer = load_zoo_model("qwen2", cache_dir=zoo_cache)
     fast = copy.deepcopy(base)
@@ -99,21 +104,13 @@ def test_trl_sft_trainer_trains_get_peft_model_qlora_like_plain_peft(zoo_cache, 
     Trainer (our "unsloth" mode stays), adapters cast to bf16 by TRL for quantised models (the
     fused path follows), the same losses as plain PEFT on the same 4-bit base."""
     import peft
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     from unsloth_like import FastLanguageModel
     from unsloth_like.models.checkpointing import checkpointing_mode
     from unsloth_like.models.patching import lora_fusion_report
 
     def train(model, tokenizer, name):
-        config = SFTConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
-                           learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-                           bf16=False, use_cpu=True, max_length=64, seed=0, disable_tqdm=True)
-        dataset = Dataset.from_dict({"messages": demo_conversations(12, seed=2)})
-        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-        trainer.train()
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return _sft_losses(model, tokenizer, tmp_path / name)
 
     with use_backend("torch"):
         base, tokenizer = load_zoo_model("qwen2", cache_dir=zoo_cache, load_in_4bit=True)

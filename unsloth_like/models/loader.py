@@ -66,7 +66,7 @@ class FastLanguageModel:
     ):
         check_mode(use_gradient_checkpointing)
         quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning)
-        _check_max_seq_length(max_seq_length)
+        check_max_seq_length(max_seq_length)
         device = _resolve_device(device_map)
         torch_dtype = _resolve_dtype(dtype, device)
         source = _resolve_source(model_name)  # raises before any weights are read
@@ -168,7 +168,7 @@ def _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetu
     return "4bit"  # Unsloth's default
 
 
-def _check_max_seq_length(max_seq_length) -> None:
+def check_max_seq_length(max_seq_length) -> None:
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}.")
 

@@ -77,9 +77,10 @@ def get_peft_model(
     check_mode(use_gradient_checkpointing)
     if qat_scheme is not None:
         raise ValueError("qat_scheme (quantisation-aware training) is not supported; drop the argument.")
-    if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
-                                       or max_seq_length <= 0):
-        raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}.")
+    if max_seq_length is not None:
+        from .loader import check_max_seq_length  # loader imports this module
+
+        check_max_seq_length(max_seq_length)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if not isinstance(base, nn.Module) or not hasattr(base, "config"):
         raise TypeError(f"get_peft_model needs a transformers model, got {type(model).__name__}.")

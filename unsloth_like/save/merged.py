@@ -137,8 +137,7 @@ def _base_tensors(model, base):
     if getattr(base, "is_loaded_in_4bit", False):
         described = ("dequantised NF4 weights: the 16-bit checkpoint the model was loaded from is not available "
                      f"locally ({base.config._name_or_path!r}), so the merge starts from the 4-bit rounding")
-    sizes = {k: v for k, v in _in_memory_sizes(model)}
-    return in_memory_tensors(model), sum(sizes.values()), described
+    return in_memory_tensors(model), sum(size for _, size in _in_memory_sizes(model)), described
 
 
 def local_checkpoint(base) -> Path | None:
@@ -158,27 +157,31 @@ def in_memory_tensors(model):
     references, except NF4 weights, dequantised one at a time (bit-exact with bitsandbytes)."""
     from ..kernels.quant import dequantize_nf4
 
-    nf4 = _nf4_modules(model.get_base_model())
-    for key, tensor in model.get_base_model().state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):
-            continue
-        if key in nf4:
-            weight = nf4[key].weight
-            tensor = dequantize_nf4(weight.data, weight.quant_state)
-        yield key.replace(".base_layer.", ".").replace(".original_module.", "."), tensor
+    for key, tensor, nf4_module in _base_entries(model):
+        if nf4_module is not None:
+            tensor = dequantize_nf4(nf4_module.weight.data, nf4_module.weight.quant_state)
+        yield key, tensor
 
 
 def _in_memory_sizes(model):
     """Bytes of each output tensor, without dequantising anything."""
-    nf4 = _nf4_modules(model.get_base_model())
-    for key, tensor in model.get_base_model().state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):
-            continue
-        if key in nf4:
-            state = nf4[key].weight.quant_state
+    for key, tensor, nf4_module in _base_entries(model):
+        if nf4_module is not None:
+            state = nf4_module.weight.quant_state
             yield key, int(torch.Size(state.shape).numel()) * state.dtype.itemsize
         else:
             yield key, tensor.numel() * tensor.element_size()
+
+
+def _base_entries(model):
+    """``(checkpoint key, state_dict tensor, NF4 module or None)`` of the base weights: adapter
+    tensors, ``modules_to_save`` copies and 4-bit quantisation-state entries left out."""
+    base = model.get_base_model()
+    nf4 = _nf4_modules(base)
+    for key, tensor in base.state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):
+            continue
+        yield key.replace(".base_layer.", ".").replace(".original_module.", "."), tensor, nf4.get(key)
 
 
 def _nf4_modules(base) -> dict:
@@ -197,7 +200,7 @@ def _write_merged(model, base, plan, entries, staging: Path, max_bytes: int):
     """Writes the merged shards; returns the widest floating dtype written (the config's dtype)."""
     from tqdm.auto import tqdm
 
-    memory = _embedding_tensors(model, base)
+    memory = _embedding_tensors(model)
     writer = ShardWriter(staging, max_bytes)
     dtypes = {}
     for key, tensor in tqdm(entries, desc="Merging LoRA", unit="tensor"):
@@ -221,9 +224,10 @@ def _effective_weight(module, adapter: str):
     return module.weight
 
 
-def _embedding_tensors(model, base) -> dict:
+def _embedding_tensors(model) -> dict:
+    """The in-memory embedding / lm_head tensors (references; never quantised, nothing dequantised)."""
     keys = ("model.embed_tokens.weight", "lm_head.weight")
-    return {k: t for k, t in in_memory_tensors(model) if k in keys}
+    return {k: t for k, t, _ in _base_entries(model) if k in keys}
 
 
 # --- config, tokenizer ----------------------------------------------------------------------------
