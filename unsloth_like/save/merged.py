@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .merge import ShardWriter, checkpoint_files, iter_checkpoint, merged_tensor, plan_merge
+from .merge import ShardWriter, plan_merge
+from .sources import merged_entries
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,15 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
         logger.warning("save_method=%r rounds the merged weights to 4 bits (NF4): the saved model is less precise "
                        "than the LoRA model. Keep save_method='merged_16bit' for exact results.", save_method)
     base = model.get_base_model()
-    entries, expected_bytes, described = _base_tensors(model, base)
+    entries, described = merged_entries(model, plan)
+    expected_bytes = sum(entry.nbytes for entry in entries)
     # merged_4bit holds the 16-bit merge and its 4-bit copy at once, until the former is deleted
     _check_disk_space(target, expected_bytes * (1 if save_method == "merged_16bit" else 1.3))
     logger.info("save_pretrained_merged: merging onto %s.", described)
     with atomic_directory(target, overwrite) as staging:
         merged_dir = staging / ".merged-16bit" if save_method != "merged_16bit" else staging
         merged_dir.mkdir(exist_ok=True)
-        written = _write_merged(model, base, plan, entries, merged_dir, max_bytes)
+        written = _write_merged(entries, merged_dir, max_bytes)
         _save_config(base, merged_dir, untie=plan.untie, dtype=written)
         if merged_dir is not staging:
             _quantize_4bit(merged_dir, staging, base, max_shard_size)
@@ -123,111 +125,16 @@ def _quantize_4bit(merged_dir: Path, staging: Path, base, max_shard_size) -> Non
 # --- the merged weights ---------------------------------------------------------------------------
 
 
-def _base_tensors(model, base):
-    """``(iterator of (key, tensor), total bytes, description)`` of the base weights to merge onto."""
-    source = local_checkpoint(base)
-    if source is not None:
-        files = checkpoint_files(source)
-        return iter_checkpoint(files), sum(f.stat().st_size for f in files), f"the original weights in {source}"
-    if getattr(base, "is_loaded_in_8bit", False):
-        raise ValueError("This model was loaded in 8-bit and its 16-bit checkpoint is not available locally "
-                         f"(config name_or_path {base.config._name_or_path!r}); merging onto int8 weights is not "
-                         "supported. Save with save_method='lora', or load the base from a local 16-bit checkpoint.")
-    described = "the model's weights in memory"
-    if getattr(base, "is_loaded_in_4bit", False):
-        described = ("dequantised NF4 weights: the 16-bit checkpoint the model was loaded from is not available "
-                     f"locally ({base.config._name_or_path!r}), so the merge starts from the 4-bit rounding")
-    return in_memory_tensors(model), sum(size for _, size in _in_memory_sizes(model)), described
-
-
-def local_checkpoint(base) -> Path | None:
-    """The local, unquantised safetensors checkpoint the base model was loaded from, if any."""
-    name = getattr(base.config, "_name_or_path", None) or getattr(base, "name_or_path", None)
-    if not name or not Path(name).is_dir():
-        return None
-    directory = Path(name)
-    config_file = directory / "config.json"
-    if not config_file.is_file() or '"quantization_config"' in config_file.read_text():
-        return None
-    return directory if checkpoint_files(directory) else None
-
-
-def in_memory_tensors(model):
-    """``(checkpoint key, tensor)`` of the base model as it is in memory, PEFT wrappers removed:
-    references, except NF4 weights, dequantised one at a time (bit-exact with bitsandbytes)."""
-    from ..kernels.quant import dequantize_nf4
-
-    for key, tensor, nf4_module in _base_entries(model):
-        if nf4_module is not None:
-            tensor = dequantize_nf4(nf4_module.weight.data, nf4_module.weight.quant_state)
-        yield key, tensor
-
-
-def _in_memory_sizes(model):
-    """Bytes of each output tensor, without dequantising anything."""
-    for key, tensor, nf4_module in _base_entries(model):
-        if nf4_module is not None:
-            state = nf4_module.weight.quant_state
-            yield key, int(torch.Size(state.shape).numel()) * state.dtype.itemsize
-        else:
-            yield key, tensor.numel() * tensor.element_size()
-
-
-def _base_entries(model):
-    """``(checkpoint key, state_dict tensor, NF4 module or None)`` of the base weights: adapter
-    tensors, ``modules_to_save`` copies and 4-bit quantisation-state entries left out."""
-    base = model.get_base_model()
-    nf4 = _nf4_modules(base)
-    for key, tensor in base.state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):
-            continue
-        yield key.replace(".base_layer.", ".").replace(".original_module.", "."), tensor, nf4.get(key)
-
-
-def _nf4_modules(base) -> dict:
-    """``{state_dict key of the packed weight: module}`` for bitsandbytes 4-bit layers."""
-    return {f"{name}.weight": module for name, module in base.named_modules()
-            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")}
-
-
-def _is_quant_state_key(key: str, nf4: dict) -> bool:
-    """bitsandbytes stores a 4-bit weight's quantisation state as extra ``<weight>.*`` entries."""
-    marker = key.find(".weight.")
-    return marker >= 0 and key[:marker + len(".weight")] in nf4
-
-
-def _write_merged(model, base, plan, entries, staging: Path, max_bytes: int):
+def _write_merged(entries, staging: Path, max_bytes: int):
     """Writes the merged shards; returns the widest floating dtype written (the config's dtype)."""
     from tqdm.auto import tqdm
 
-    memory = _embedding_tensors(model)
     writer = ShardWriter(staging, max_bytes)
-    dtypes = {}
-    for key, tensor in tqdm(entries, desc="Merging LoRA", unit="tensor"):
-        if key in memory and memory[key].shape != tensor.shape:  # a resized vocabulary
-            tensor = memory[key].detach().to(tensor.dtype).cpu()
-        out = merged_tensor(key, tensor, plan)
-        writer.add(key, out)
-        dtypes[key] = out.dtype
-    if plan.untie and "lm_head.weight" not in dtypes:  # tied in the checkpoint, different now
-        head = _effective_weight(base.get_output_embeddings(), model.active_adapter)
-        writer.add("lm_head.weight", head.detach().cpu().to(dtypes.get("model.embed_tokens.weight", head.dtype)))
+    for entry in tqdm(entries, desc="Merging LoRA", unit="tensor"):
+        writer.add(entry.key, entry.load())
     writer.finish()
-    floating = [d for d in dtypes.values() if d.is_floating_point]
+    floating = [entry.dtype for entry in entries if entry.dtype.is_floating_point]
     return max(floating, key=lambda d: d.itemsize) if floating else None
-
-
-def _effective_weight(module, adapter: str):
-    """The weight a (possibly ``modules_to_save``-wrapped) module computes with."""
-    if type(module).__name__ == "ModulesToSaveWrapper":
-        module = module.modules_to_save[adapter] if adapter in module.modules_to_save else module.original_module
-    return module.weight
-
-
-def _embedding_tensors(model) -> dict:
-    """The in-memory embedding / lm_head tensors (references; never quantised, nothing dequantised)."""
-    keys = ("model.embed_tokens.weight", "lm_head.weight")
-    return {k: t for k, t, _ in _base_entries(model) if k in keys}
 
 
 # --- config, tokenizer ----------------------------------------------------------------------------
