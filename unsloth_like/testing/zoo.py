@@ -137,16 +137,49 @@ ZOO: dict[str, ZooSpec] = {
 }
 
 
+# Models whose matrices have rows that are multiples of 256, so that every GGUF quantisation type
+# (K-quants work on 256-value blocks) applies as it does on real checkpoints; the odd sizes of
+# ZOO make llama.cpp fall back to other types for almost every tensor. A larger initializer range
+# than real models' keeps next-token logits of these random models apart, so that comparisons of
+# llama.cpp's predictions with transformers' are not decided by near-ties.
+_ALIGNED = {"num_hidden_layers": 3, "max_position_embeddings": 2048, "initializer_range": 0.08,
+            "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "head_dim": 64,
+            "rms_norm_eps": 1e-5}
+
+ALIGNED_ZOO: dict[str, ZooSpec] = {
+    spec.name: spec
+    for spec in [
+        ZooSpec(name="llama_k", config_class="LlamaConfig", tokenizer="llama3",
+                config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 1, "tie_word_embeddings": False,
+                        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 256}},
+                notes="Llama 3.1-style rope scaling, GQA 4:1, untied"),
+        ZooSpec(name="mistral_k", config_class="MistralConfig", tokenizer="spm",
+                config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 2, "tie_word_embeddings": False,
+                        "sliding_window": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+                notes="SentencePiece-style tokenizer"),
+        ZooSpec(name="qwen2_k", config_class="Qwen2Config", tokenizer="qwen2",
+                config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+                notes="tied embeddings, qkv bias"),
+        ZooSpec(name="qwen3_k", config_class="Qwen3Config", tokenizer="qwen2",
+                config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 2, "tie_word_embeddings": False,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+                notes="q/k RMSNorm"),
+    ]
+}
+
 def default_cache_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "unsloth_like" / "zoo"
 
 
 def get_spec(name: str) -> ZooSpec:
-    try:
-        return ZOO[name]
-    except KeyError:
-        raise ValueError(f"Unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}.") from None
+    spec = ZOO.get(name) or ALIGNED_ZOO.get(name)
+    if spec is None:
+        raise ValueError(f"Unknown zoo model {name!r}; choose one of: {', '.join([*ZOO, *ALIGNED_ZOO])}.")
+    return spec
 
 
 def zoo_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:

@@ -1,0 +1,169 @@
+"""Hugging Face decoder configs and tensors -> llama.cpp's architecture metadata and tensor names.
+
+One ``Architecture`` per supported ``model_type``: which llama.cpp architecture it becomes, and
+whether q/k weights need the rotary permutation. Tensor names come from the ``gguf`` package's
+own map (``gguf.get_tensor_name_map``), so they are the names llama.cpp looks for.
+
+Why the permutation: HF's Llama implementation rotates the two *halves* of each head
+(``rotate_half``), while llama.cpp's ``llama`` architecture rotates adjacent *pairs*. The
+original Meta checkpoints use pairs; HF's conversion script permuted q/k rows into halves, and
+llama.cpp's converter permutes them back. Qwen2/Qwen3 run in llama.cpp with the "NEOX" (halves)
+rotation, so their weights are written as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gguf
+import torch
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_types: tuple[str, ...]
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool
+
+
+ARCHITECTURES = (
+    # Mistral has no architecture of its own in llama.cpp: it is a Llama.
+    Architecture(("llama", "mistral"), gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    Architecture(("qwen2",), gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    Architecture(("qwen3",), gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+)
+_SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def architecture_for(config) -> Architecture:
+    """The export recipe for ``config`` (a transformers config), or a clear error."""
+    model_type = getattr(config, "model_type", None)
+    for architecture in ARCHITECTURES:
+        if model_type in architecture.model_types:
+            return architecture
+    supported = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+    raise ValueError(f"GGUF export does not support model_type {model_type!r} yet; supported: {supported}. "
+                     "Save with save_pretrained_merged and convert with llama.cpp's convert_hf_to_gguf.py.")
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_parameters(config) -> dict:
+    """RoPE settings in transformers 5's ``rope_parameters`` form, from either config style."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None) or {}
+    for key, value in legacy.items():
+        params.setdefault(key, value)
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if getattr(config, "rope_theta", None) is not None:
+        params.setdefault("rope_theta", config.rope_theta)
+    params.setdefault("rope_theta", 10000.0)
+    return params
+
+
+def check_supported(config) -> None:
+    """Refuse, before any work, what llama.cpp would run differently from transformers."""
+    rope = rope_parameters(config)
+    if rope["rope_type"] not in _SUPPORTED_ROPE:
+        raise ValueError(f"GGUF export does not support rope_type {rope['rope_type']!r}; supported: "
+                         f"{', '.join(_SUPPORTED_ROPE)}.")
+
+
+def write_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
+    """The ``<arch>.*`` keys llama.cpp reads to build the model."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    dim = head_dim(config)
+    writer.add_key_length(dim)
+    writer.add_value_length(dim)
+    writer.add_rope_dimension_count(dim)
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))  # llama.cpp's default (10000) is wrong for most models
+    _write_rope_scaling(writer, rope)
+
+
+def _write_rope_scaling(writer: gguf.GGUFWriter, rope: dict) -> None:
+    kind, factor = rope["rope_type"], rope.get("factor")
+    if kind == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif kind == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(rope[key])
+        attention_factor = rope.get("attention_factor", rope.get("attn_factor"))
+        if attention_factor is not None:
+            writer.add_rope_scaling_yarn_attn_factor(attention_factor)
+    # llama3 scaling is a per-frequency factor tensor (``rope_freqs``), see ``extra_tensors``.
+
+
+def extra_tensors(config) -> dict[str, torch.Tensor]:
+    """Tensors llama.cpp needs that a HF checkpoint does not hold: Llama 3.1's RoPE factors."""
+    rope = rope_parameters(config)
+    if rope["rope_type"] != "llama3":
+        return {}
+    dim = head_dim(config)
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs.tolist():
+        wavelength = 2 * math.pi / freq
+        if wavelength < old_context / high:
+            factors.append(1.0)
+        elif wavelength > old_context / low:
+            factors.append(factor)
+        else:  # between the two: interpolate smoothly, as transformers' llama3 rope does
+            smooth = (old_context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return {"rope_freqs.weight": torch.tensor(factors, dtype=torch.float32)}
+
+
+class TensorNamer:
+    """HF checkpoint keys -> GGUF tensor names, with the q/k permutation where it applies."""
+
+    def __init__(self, architecture: Architecture, config):
+        self.architecture, self.config = architecture, config
+        self.names = gguf.get_tensor_name_map(architecture.arch, config.num_hidden_layers)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def gguf_name(self, key: str) -> str | None:
+        """The GGUF name of checkpoint tensor ``key``; None for what llama.cpp does not load
+        (a tied lm_head copy, rotary caches)."""
+        if key.endswith("rotary_emb.inv_freq") or (self.tied and key == "lm_head.weight"):
+            return None
+        name = self.names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"Tensor {key!r} has no llama.cpp counterpart in architecture "
+                             f"{self.architecture.arch.name.lower()}; this checkpoint cannot be exported to GGUF.")
+        return name
+
+    def transform(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.architecture.permute_qk:
+            return tensor
+        if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+            return _permute_rotary(tensor, self.config.num_attention_heads)
+        if gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+            kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+            return _permute_rotary(tensor, kv_heads)
+        return tensor
+
+
+def _permute_rotary(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per head, rows ``[x0 .. x(d/2-1), y0 .. y(d/2-1)]`` -> ``[x0, y0, x1, y1, ...]``."""
+    shape = tensor.shape
+    return tensor.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
