@@ -29,6 +29,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gguf(args: argparse.Namespace) -> int:
+    from .save.gguf import convert
+
+    paths = convert(args.checkpoint, args.output, args.quantization or ["q8_0"], overwrite=args.overwrite,
+                    modelfile=not args.no_modelfile)
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing.zoo import ZOO
 
@@ -53,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     demo.add_argument("--zoo-cache", default=None, help="where tiny models are cached (default ~/.cache/unsloth_like/zoo)")
     demo.set_defaults(run=_demo)
+
+    gguf = commands.add_parser(
+        "gguf", help="convert a transformers checkpoint directory to GGUF (llama.cpp / Ollama), in-process"
+    )
+    gguf.add_argument("checkpoint", help="directory with config.json, safetensors weights and the tokenizer")
+    gguf.add_argument("output", help="a .gguf file (one method) or a directory (files named <checkpoint>.<METHOD>.gguf)")
+    gguf.add_argument("-q", "--quantization", action="append", metavar="METHOD",
+                      help="q8_0 (default), f16, bf16, f32, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, q4_k_s/m, "
+                           "q5_k_s/m, q6_k; repeat for several files from one pass")
+    gguf.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gguf.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+    gguf.set_defaults(run=_gguf)
     return parser
 
 

@@ -40,14 +40,15 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**1
 
 
 def attach_save_methods(peft_model):
-    """Bind ``save_pretrained_merged`` / ``push_to_hub_merged`` to this model object (per
-    instance, like our patching)."""
+    """Bind ``save_pretrained_merged`` / ``push_to_hub_merged`` / ``save_pretrained_gguf`` /
+    ``push_to_hub_gguf`` to this model object (per instance, like our patching)."""
     import types
 
-    from .hub import push_to_hub_merged
+    from .gguf import save_pretrained_gguf
+    from .hub import push_to_hub_gguf, push_to_hub_merged
 
-    peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
-    peft_model.push_to_hub_merged = types.MethodType(push_to_hub_merged, peft_model)
+    for function in (save_pretrained_merged, push_to_hub_merged, save_pretrained_gguf, push_to_hub_gguf):
+        setattr(peft_model, function.__name__, types.MethodType(function, peft_model))
     return peft_model
 
 

@@ -9,7 +9,7 @@ nothing is compiled: the conversion and every quantiser run in this process.
 
 ``convert(hf_dir, out_path, quantization_method)`` does the same for a transformers checkpoint
 directory (e.g. the output of ``save_pretrained_merged``). ``out_path`` is a ``.gguf`` file
-(one method) or a directory (any number of methods).
+(one method) or a directory (any number of methods); the Modelfile goes next to the files.
 
 Before any tensor is read: the method names, the architecture, every tensor name, the
 tokenizer, the target files (existing ones are refused unless ``overwrite=True``) and the free
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from ..merge import plan_merge
@@ -80,7 +79,7 @@ def convert(hf_dir, out_path, quantization_method="q8_0", tokenizer=None, overwr
     if out.suffix == ".gguf":
         if len(methods) != 1:
             raise ValueError(f"{out} is one file but {len(methods)} methods were asked for; pass a directory.")
-        paths, stem, model_file = [out], _file_stem(out.stem), out.with_suffix(".Modelfile")
+        paths, stem, model_file = [out], _file_stem(out.stem), out.parent / "Modelfile"
     else:
         stem = _file_stem(source.name or "model")
         paths, model_file = [out / f"{stem}.{m.upper()}.gguf" for m in methods], out / "Modelfile"
@@ -104,20 +103,9 @@ def _export(entries, config, tokenizer, methods, paths, overwrite, name, modelfi
 
 
 def _write_modelfile(path: Path, tokenizer, gguf_path: Path) -> None:
-    from ..ollama import build_modelfile
+    from ..ollama import build_modelfile, write_modelfile
 
-    text = build_modelfile(tokenizer, gguf_path.name if gguf_path.parent == path.parent else str(gguf_path))
-    write_text_atomic(path, text)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    write_modelfile(path.parent, build_modelfile(tokenizer, gguf_path.name))
 
 
 def _check_targets(paths: list[Path], overwrite: bool) -> None:

@@ -1,0 +1,167 @@
+"""``model.save_pretrained_gguf`` / ``push_to_hub_gguf`` / ``convert`` / the CLI: what a user of
+the notebook API gets, and every refusal before work is lost."""
+
+from __future__ import annotations
+
+import logging
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from unsloth_like.cli import main as cli_main
+from unsloth_like.kernels import use_backend
+from unsloth_like.save.gguf import convert, resolve_method
+from unsloth_like.testing import llamacpp
+from unsloth_like.testing.zoo import zoo_model_dir
+
+from ..fake_hub import FakeHub
+from ..test_save_merged import _trained
+
+needs_llama_cpp = pytest.mark.skipif(not llamacpp.available(), reason=f"needs llama-cpp-python: {llamacpp.INSTALL_HINT}")
+PROMPT = "Summarise: the quick brown fox jumps over the lazy dog, twice. 3 + 4 = 7."
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with use_backend("torch"):
+        yield
+
+
+def _tensors(path) -> dict:
+    return {t.name: (t.tensor_type, np.asarray(t.data).view(np.uint8)) for t in gguf.GGUFReader(path).tensors}
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
+def test_merged_gguf_runs_the_lora_model_in_llama_cpp(load_in_4bit, zoo_cache, tmp_path):
+    """F32 GGUF of a LoRA (and a QLoRA, merged onto the original 16-bit weights) model: llama.cpp's
+    logits are the PEFT model's (the 16-bit base with the same adapter, for QLoRA)."""
+    model, tokenizer = _trained("llama_k", zoo_cache, load_in_4bit=load_in_4bit)
+    [path] = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="f32")
+    assert path.name == "gguf.F32.gguf" and (tmp_path / "gguf" / "Modelfile").is_file()
+    reference = model if not load_in_4bit else _as_16bit(model, zoo_cache)
+    ids = tokenizer(PROMPT).input_ids
+    reference.eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0].float().numpy()
+    with llamacpp.load(path) as llm:
+        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
+
+
+def _as_16bit(qlora_model, zoo_cache):
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(zoo_model_dir("llama_k", zoo_cache))
+    reference = peft.get_peft_model(base, qlora_model.peft_config["default"])
+    peft.set_peft_model_state_dict(reference, {k: v.float() for k, v in
+                                               peft.get_peft_model_state_dict(qlora_model).items()})
+    return reference
+
+
+def test_several_methods_in_one_pass_equal_converting_the_merged_checkpoint(zoo_cache, tmp_path):
+    """One call, three files, one merge: each file is tensor for tensor what ``convert`` makes of
+    the ``save_pretrained_merged`` checkpoint."""
+    model, tokenizer = _trained("qwen2_k", zoo_cache)
+    paths = model.save_pretrained_gguf(tmp_path / "out", tokenizer, quantization_method=["q4_k_m", "Q8_0", "quantized"])
+    assert [p.name for p in paths] == ["out.Q4_K_M.gguf", "out.Q8_0.gguf"]  # "quantized" is q4_k_m again
+    merged = model.save_pretrained_merged(tmp_path / "merged", tokenizer)
+    for method, path in zip(["q4_k_m", "q8_0"], paths):
+        [converted] = convert(merged, tmp_path / f"ref-{method}.gguf", method, modelfile=False)
+        ours, theirs = _tensors(path), _tensors(converted)
+        assert list(ours) == list(theirs)
+        for name, (qtype, data) in ours.items():
+            assert qtype == theirs[name][0] and np.array_equal(data, theirs[name][1]), name
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no partial files left
+
+
+def test_modelfile_follows_the_tokenizers_template(zoo_cache, tmp_path):
+    model, tokenizer = _trained("qwen2_k", zoo_cache)
+    [path] = model.save_pretrained_gguf(tmp_path / "out", tokenizer, quantization_method="q8_0")
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{path.name}\n")
+    assert "TEMPLATE" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_refusals_come_before_any_work(zoo_cache, tmp_path, monkeypatch):
+    model, tokenizer = _trained("qwen2_k", zoo_cache)
+    with pytest.raises(ValueError, match=r"Unknown quantization_method 'q4_km'\. Did you mean 'q4_k_m'\?.*q5_k_s"):
+        model.save_pretrained_gguf(tmp_path / "a", tokenizer, quantization_method="q4_km")
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        model.save_pretrained_gguf(tmp_path / "a", None)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        model.save_pretrained_gguf(tmp_path / "a", tokenizer, quantisation="q8_0")
+    [path] = model.save_pretrained_gguf(tmp_path / "b", tokenizer, quantization_method="f16")
+    before = path.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save_pretrained_gguf(tmp_path / "b", tokenizer, quantization_method="f16")
+    assert path.stat().st_mtime_ns == before
+    model.save_pretrained_gguf(tmp_path / "b", tokenizer, quantization_method="f16", overwrite=True)
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(OSError, match="Not enough disk space"):
+        model.save_pretrained_gguf(tmp_path / "c", tokenizer, quantization_method="q8_0")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_an_interrupted_export_leaves_no_file(zoo_cache, tmp_path, monkeypatch):
+    from unsloth_like.save.gguf import writer
+
+    model, tokenizer = _trained("qwen2_k", zoo_cache)
+    calls = {"n": 0}
+    original = writer.tensor_bytes
+
+    def failing(tensor, qtype):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(tensor, qtype)
+    monkeypatch.setattr(writer, "tensor_bytes", failing)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained_gguf(tmp_path / "out", tokenizer, quantization_method=["q8_0", "f16"])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    import transformers
+
+    from unsloth_like.testing.tokenizer import TOKENIZERS, save_tokenizer
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=1024)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    save_tokenizer(TOKENIZERS["qwen2"], tmp_path / "gpt2", model_max_length=128)
+    with pytest.raises(ValueError, match="does not support model_type 'gpt2'.*llama, mistral, qwen2, qwen3"):
+        convert(tmp_path / "gpt2", tmp_path / "out", "q8_0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_aliases_and_names():
+    assert resolve_method("not_quantized") == "f16"
+    assert resolve_method("fast_quantized") == "q8_0"
+    assert resolve_method("quantized") == resolve_method("q4_k") == resolve_method("Q4_K_M") == "q4_k_m"
+    assert resolve_method("q5_k") == "q5_k_m" and resolve_method("q3_k") == "q3_k_m"
+
+
+def test_cli_converts_a_checkpoint(zoo_cache, tmp_path, capsys):
+    source = zoo_model_dir("qwen3_k", zoo_cache)
+    assert cli_main(["gguf", str(source), str(tmp_path / "out"), "-q", "q4_k_s", "-q", "bf16"]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["Modelfile", f"{source.name}.BF16.gguf", f"{source.name}.Q4_K_S.gguf"]
+    assert "Q4_K_S.gguf" in capsys.readouterr().out
+
+
+def test_push_to_hub_gguf_uploads_files_and_modelfile(zoo_cache, caplog):
+    model, tokenizer = _trained("qwen2_k", zoo_cache)
+    token = "hf_FakeTokenThatMustNeverBeLogged456"
+    with FakeHub() as hub, caplog.at_level(logging.DEBUG):
+        url = model.push_to_hub_gguf("someone/qwen-gguf", tokenizer, quantization_method=["q8_0", "q4_k_m"],
+                                     token=token, endpoint=hub.endpoint)
+    assert url.endswith("someone/qwen-gguf")
+    files = hub.repos["someone/qwen-gguf"]
+    assert set(files) == {"qwen-gguf.Q8_0.gguf", "qwen-gguf.Q4_K_M.gguf", "Modelfile"}
+    assert files["qwen-gguf.Q8_0.gguf"][:4] == b"GGUF"
+    assert token not in caplog.text
+    with pytest.raises(ValueError, match="Unknown quantization_method"):
+        model.push_to_hub_gguf("someone/x", tokenizer, quantization_method="q9", token=token)
