@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # first time, seconds afterwards from pip's wheel cache. GGML_NATIVE=OFF makes that cached wheel
 # portable (a -march=native build crashes on CPUs without the same extensions).
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check]"
-# Go runs the Ollama template tests (tests/gguf); without it they are skipped, never failed.
+# Go runs the Ollama template tests (tests/gguf_export); without it they are skipped, never failed.
 	@command -v go >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q golang-go >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q golang-go >/dev/null 2>&1)) || echo "note: Go not installed; Ollama template tests will be skipped"
 	touch $@
 

@@ -1,0 +1,180 @@
+"""GGUF export time and peak memory per quantisation method, against llama.cpp's quantiser.
+
+    python scripts/bench_gguf.py                                  # ~155M-parameter Llama, CPU
+    python scripts/bench_gguf.py --preset llama-3.1-8b --methods q4_k_m q8_0 --out benchmarks/gguf-export-gpu.json
+
+A random Llama-shaped checkpoint (safetensors, 16-bit) is written once. Then, each in a fresh
+process that samples its own anonymous resident memory (``RssAnon``: heap and tensors, not the
+memory-mapped checkpoint pages) and CUDA peak memory:
+
+* ``ours``: ``unsloth_like.save.gguf.convert(checkpoint, method)``: HF checkpoint -> GGUF in one
+  step (the K-quants run on the GPU when there is one);
+* ``llama.cpp``: ``llama_model_quantize`` (the ``llama-quantize`` tool, all CPU threads) from an
+  F16 GGUF of the same weights. llama.cpp cannot read a HF checkpoint: its users first run
+  ``convert_hf_to_gguf.py`` to F16, a step whose time (ours, for the same F16 file) is reported
+  separately as ``f16_conversion_s``.
+
+Both outputs are compared tensor by tensor; ``identical`` says whether every byte matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PRESETS = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab)
+    "cpu-155m": (1024, 2816, 8, 16, 4, 32000),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
+}
+
+
+def build_checkpoint(directory: Path, preset: str) -> dict:
+    import torch
+    import transformers
+
+    from unsloth_like.testing.tokenizer import TOKENIZERS, save_tokenizer
+
+    hidden, intermediate, layers, heads, kv_heads, vocab = PRESETS[preset]
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                                      tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    save_tokenizer(TOKENIZERS["llama3"], directory, model_max_length=2048)
+    return {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint_bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+
+
+class PeakMemory:
+    """Samples RssAnon every 2 ms in a thread; CUDA's own peak counter where there is a GPU."""
+
+    def __enter__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.baseline = self.peak = _rss_anon()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, _rss_anon())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        import torch
+
+        self.done.set()
+        self.thread.join()
+        self.result = {"peak_rss_increase_mib": round((self.peak - self.baseline) / 2**20, 1)}
+        if self.cuda:
+            self.result["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no RssAnon line (Linux only).")
+
+
+def child(kind: str, source: str, target: str, method: str) -> dict:
+    """One measurement, in this fresh process."""
+    import gguf
+
+    from unsloth_like.save.gguf import METHODS, convert
+    from unsloth_like.testing import llamacpp
+
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        if kind == "ours":
+            convert(source, target, method, modelfile=False, overwrite=True)
+        else:
+            llamacpp.quantize_file(source, target, METHODS[method][0], threads=os.cpu_count())
+        seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 2), **memory.result, "bytes": Path(target).stat().st_size,
+            "ftype": gguf.LlamaFileType(METHODS[method][0]).name}
+
+
+def run_child(kind: str, source: Path, target: Path, method: str) -> dict:
+    command = [sys.executable, __file__, "--child", kind, str(source), str(target), method]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def identical(a: Path, b: Path) -> bool:
+    import gguf
+    import numpy as np
+
+    ours = {t.name: t for t in gguf.GGUFReader(a).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(b).tensors}
+    return list(ours) == list(theirs) and all(
+        ours[n].tensor_type == theirs[n].tensor_type
+        and np.array_equal(np.asarray(ours[n].data).view(np.uint8), np.asarray(theirs[n].data).view(np.uint8))
+        for n in ours)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-155m")
+    parser.add_argument("--methods", nargs="+", default=["q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k"])
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints and files go (default: a temp dir)")
+    parser.add_argument("--child", nargs=4, metavar=("KIND", "SOURCE", "TARGET", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    import torch
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+        root = Path(scratch)
+        model = build_checkpoint(root / "hf", args.preset)
+        f16 = root / "model-f16.gguf"
+        f16_run = run_child("ours", root / "hf", f16, "f16")
+        rows = []
+        for method in args.methods:
+            ours = run_child("ours", root / "hf", root / f"ours-{method}.gguf", method)
+            theirs = run_child("llama.cpp", f16, root / f"llamacpp-{method}.gguf", method)
+            same = identical(root / f"ours-{method}.gguf", root / f"llamacpp-{method}.gguf")
+            rows.append({"method": method, "ours": ours, "llama.cpp": theirs, "identical": same,
+                         "time_ratio_ours_over_llamacpp": round(ours["seconds"] / theirs["seconds"], 2)})
+            print(f"{method:8s} ours {ours['seconds']:7.1f} s  {ours['peak_rss_increase_mib']:8.0f} MiB | llama.cpp "
+                  f"{theirs['seconds']:7.1f} s  {theirs['peak_rss_increase_mib']:8.0f} MiB | identical {same}",
+                  flush=True)
+            for name in (f"ours-{method}.gguf", f"llamacpp-{method}.gguf"):
+                (root / name).unlink()
+    result = {
+        "benchmark": "gguf-export",
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "model": model,
+        "f16_conversion_s": f16_run["seconds"],
+        "results": rows,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
