@@ -9,10 +9,12 @@ memory-mapped checkpoint pages) and CUDA peak memory:
 
 * ``ours``: ``unsloth_like.save.gguf.convert(checkpoint, method)``: HF checkpoint -> GGUF in one
   step (the K-quants run on the GPU when there is one);
-* ``llama.cpp``: ``llama_model_quantize`` (the ``llama-quantize`` tool, all CPU threads) from an
-  F16 GGUF of the same weights. llama.cpp cannot read a HF checkpoint: its users first run
-  ``convert_hf_to_gguf.py`` to F16, a step whose time (ours, for the same F16 file) is reported
-  separately as ``f16_conversion_s``.
+* ``llama.cpp``: ``llama_model_quantize`` (the ``llama-quantize`` tool, all CPU threads) from a
+  BF16 GGUF of the same (bf16) weights, which holds them exactly. llama.cpp cannot read a HF
+  checkpoint: its users first run ``convert_hf_to_gguf.py``, a step whose time (ours, for the
+  same BF16 file) is reported separately as ``bf16_conversion_s``. (An F16 file would not do:
+  bf16 values below F16's normal range lose bits there, so llama.cpp would quantise other
+  numbers than we do.)
 
 Both outputs are compared tensor by tensor; ``identical`` says whether every byte matched.
 """
@@ -148,12 +150,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         root = Path(scratch)
         model = build_checkpoint(root / "hf", args.preset)
-        f16 = root / "model-f16.gguf"
-        f16_run = run_child("ours", root / "hf", f16, "f16")
+        bf16 = root / "model-bf16.gguf"
+        bf16_run = run_child("ours", root / "hf", bf16, "bf16")
         rows = []
         for method in args.methods:
             ours = run_child("ours", root / "hf", root / f"ours-{method}.gguf", method)
-            theirs = run_child("llama.cpp", f16, root / f"llamacpp-{method}.gguf", method)
+            theirs = run_child("llama.cpp", bf16, root / f"llamacpp-{method}.gguf", method)
             same = identical(root / f"ours-{method}.gguf", root / f"llamacpp-{method}.gguf")
             rows.append({"method": method, "ours": ours, "llama.cpp": theirs, "identical": same,
                          "time_ratio_ours_over_llamacpp": round(ours["seconds"] / theirs["seconds"], 2)})
@@ -168,7 +170,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(),
         "model": model,
-        "f16_conversion_s": f16_run["seconds"],
+        "bf16_conversion_s": bf16_run["seconds"],
         "results": rows,
     }
     if args.out:
