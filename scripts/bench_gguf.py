@@ -34,6 +34,7 @@ from pathlib import Path
 
 PRESETS = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab)
+    "tiny": (256, 512, 2, 4, 2, 1024),  # for the test of this script
     "cpu-155m": (1024, 2816, 8, 16, 4, 32000),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
 }

@@ -1,0 +1,24 @@
+"""scripts/bench_gguf.py runs end to end (tiny preset) and finds our files identical to llama.cpp's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gguf.py"
+
+
+@pytest.mark.slow
+def test_bench_gguf_reports_identical_files(tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'unsloth-like[gguf-check]'")
+    out = tmp_path / "gguf.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--methods", "q4_k_m", "q8_0",
+                           "--workdir", str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["method"] for row in result["results"]] == ["q4_k_m", "q8_0"]
+    assert all(row["identical"] and row["ours"]["seconds"] > 0 for row in result["results"])
