@@ -165,3 +165,23 @@ def test_push_to_hub_gguf_uploads_files_and_modelfile(zoo_cache, caplog):
     assert token not in caplog.text
     with pytest.raises(ValueError, match="Unknown quantization_method"):
         model.push_to_hub_gguf("someone/x", tokenizer, quantization_method="q9", token=token)
+
+
+@needs_llama_cpp
+def test_a_full_finetune_is_exported_as_it_is_in_memory(zoo_cache, tmp_path):
+    """No adapters: ``from_pretrained`` binds the export too, and the file holds the trained
+    weights (not the checkpoint the model came from)."""
+    from unsloth_like import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen3_k", zoo_cache)),
+                                                         full_finetuning=True, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.05)  # as if trained
+    [path] = model.save_pretrained_gguf(tmp_path / "full", tokenizer, quantization_method="f32")
+    ids = tokenizer(PROMPT).input_ids
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].float().numpy()
+    with llamacpp.load(path) as llm:
+        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..env import is_bfloat16_supported
-from ..save.merged import attach_save_methods
+from ..save.merged import attach_export_methods, attach_save_methods
 from ..trainer import install_legacy_sft_keywords
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .lora import get_peft_model
@@ -106,6 +106,7 @@ class FastLanguageModel:
             patch_model(model)
         if full_finetuning:
             set_gradient_checkpointing(model, use_gradient_checkpointing)
+        attach_export_methods(model)  # model.save_pretrained_gguf after a full finetune, or of the base
         if adapter_dir is not None:
             from peft import PeftModel
 

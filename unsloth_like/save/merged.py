@@ -52,6 +52,19 @@ def attach_save_methods(peft_model):
     return peft_model
 
 
+def attach_export_methods(model):
+    """Bind ``save_pretrained_gguf`` / ``push_to_hub_gguf`` to a model without adapters (a full
+    finetune or a base model: exported as it is in memory)."""
+    import types
+
+    from .gguf import save_pretrained_gguf
+    from .hub import push_to_hub_gguf
+
+    for function in (save_pretrained_gguf, push_to_hub_gguf):
+        setattr(model, function.__name__, types.MethodType(function, model))
+    return model
+
+
 def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: str = "merged_16bit",
                            max_shard_size="5GB", safe_serialization: bool = True, overwrite: bool = False,
                            **kwargs):

@@ -10,7 +10,9 @@ metadata up front, and a ``load()`` that produces the tensor when its turn comes
 * ``merged_entries(model, plan)``: what ``save_pretrained_merged`` writes for a PEFT model: the
   base weights (the local 16-bit checkpoint the model came from when there is one, else the
   model's own tensors, NF4 dequantised bit-exactly) with the LoRA merged in, a resized
-  vocabulary taken from memory, and an untied ``lm_head`` when training changed a tied pair.
+  vocabulary taken from memory, and an untied ``lm_head`` when training changed a tied pair;
+* ``model_entries(model)``: a model without adapters (a full finetune, or a base model) as it is
+  in memory, since its weights may have been trained.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def merged_entries(model, plan: MergePlan) -> tuple[list[TensorEntry], str]:
     if source is not None:
         entries, described = checkpoint_entries(checkpoint_files(source)), f"the original weights in {source}"
     else:
-        entries, described = _in_memory_entries(model, base)
-    memory = {key: tensor for key, tensor, _ in _base_entries(model) if key in _EMBEDDING_KEYS}
+        entries, described = _in_memory_entries(base)
+    memory = {key: tensor for key, tensor, _ in _base_entries(base) if key in _EMBEDDING_KEYS}
     merged = [_merged_entry(entry, plan, memory) for entry in entries]
     if plan.untie and not any(entry.key == "lm_head.weight" for entry in merged):
         merged.append(_untied_head_entry(model, base, merged))
@@ -123,7 +125,7 @@ def local_checkpoint(base) -> Path | None:
     return directory if checkpoint_files(directory) else None
 
 
-def _in_memory_entries(model, base) -> tuple[list[TensorEntry], str]:
+def _in_memory_entries(base) -> tuple[list[TensorEntry], str]:
     if getattr(base, "is_loaded_in_8bit", False):
         raise ValueError("This model was loaded in 8-bit and its 16-bit checkpoint is not available locally "
                          f"(config name_or_path {base.config._name_or_path!r}); merging onto int8 weights is not "
@@ -132,6 +134,18 @@ def _in_memory_entries(model, base) -> tuple[list[TensorEntry], str]:
     if getattr(base, "is_loaded_in_4bit", False):
         described = ("dequantised NF4 weights: the 16-bit checkpoint the model was loaded from is not available "
                      f"locally ({base.config._name_or_path!r}), so the merge starts from the 4-bit rounding")
+    return [_memory_entry(key, tensor, nf4) for key, tensor, nf4 in _base_entries(base)], described
+
+
+def model_entries(model) -> tuple[list[TensorEntry], str]:
+    """``(entries, description)`` of a ``PreTrainedModel`` without adapters, from memory (a
+    4-bit model's weights dequantised: they carry the 4-bit rounding, and the description says so)."""
+    if getattr(model, "is_loaded_in_8bit", False):
+        raise ValueError("This model is loaded in 8-bit; exporting int8 weights is not supported. Load it in "
+                         "16-bit, or convert its checkpoint directory with unsloth_like.save.gguf.convert.")
+    described = "the model's weights in memory"
+    if getattr(model, "is_loaded_in_4bit", False):
+        described += " (dequantised NF4: they carry the 4-bit rounding; convert the 16-bit checkpoint for better)"
     return [_memory_entry(key, tensor, nf4) for key, tensor, nf4 in _base_entries(model)], described
 
 
@@ -146,10 +160,10 @@ def _memory_entry(key: str, tensor: torch.Tensor, nf4_module) -> TensorEntry:
                        lambda: dequantize_nf4(nf4_module.weight.data, nf4_module.weight.quant_state))
 
 
-def _base_entries(model):
-    """``(checkpoint key, state_dict tensor, NF4 module or None)`` of the base weights: adapter
-    tensors, ``modules_to_save`` copies and 4-bit quantisation-state entries left out."""
-    base = model.get_base_model()
+def _base_entries(base):
+    """``(checkpoint key, state_dict tensor, NF4 module or None)`` of the base weights (of the
+    model inside a PEFT wrapper): adapter tensors, ``modules_to_save`` copies and 4-bit
+    quantisation-state entries left out."""
     nf4 = _nf4_modules(base)
     for key, tensor in base.state_dict().items():
         if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):

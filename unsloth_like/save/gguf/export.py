@@ -1,6 +1,8 @@
 """The GGUF export entry points: ``model.save_pretrained_gguf``, ``convert`` and the CLI's.
 
-``save_pretrained_gguf(model, save_directory, tokenizer, quantization_method="q8_0")`` writes
+``save_pretrained_gguf(model, save_directory, tokenizer, quantization_method="q8_0")`` (bound as
+``model.save_pretrained_gguf`` to PEFT models from ``get_peft_model`` and to every model
+``FastLanguageModel.from_pretrained`` returns) writes
 ``<save_directory>/<name>.<METHOD>.gguf`` for each method (a name or a list: several files from
 one pass over the merged weights) and an Ollama ``Modelfile`` for the first one. The LoRA is
 merged on the fly, tensor by tensor, exactly as ``save_pretrained_merged`` merges it (from the
@@ -24,7 +26,7 @@ import re
 from pathlib import Path
 
 from ..merge import plan_merge
-from ..sources import checkpoint_entries, merged_entries
+from ..sources import checkpoint_entries, merged_entries, model_entries
 from .methods import resolve_methods
 from .tokenizer import vocabulary
 from .writer import check_disk_space, expected_file_bytes, plan_tensors, write_gguf_files
@@ -39,20 +41,25 @@ _UNUSED_UNSLOTH_KEYWORDS = ("first_conversion", "maximum_memory_usage", "tempora
 
 def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_method="q8_0", overwrite: bool = False,
                          modelfile: bool = True, **kwargs) -> list[Path]:
-    """Export ``model`` (a PEFT model from ``get_peft_model``, LoRA merged on the fly) to GGUF;
-    returns the written ``.gguf`` paths (one per method)."""
+    """Export ``model`` to GGUF; returns the written ``.gguf`` paths (one per method). A PEFT
+    model (``get_peft_model``) has its LoRA merged on the fly; a model without adapters (a full
+    finetune, a base model) is exported as it is in memory."""
     methods = resolve_methods(quantization_method)
     _check_keywords("save_pretrained_gguf", kwargs)
     if tokenizer is None:
         raise ValueError("save_pretrained_gguf needs the tokenizer: a GGUF file carries its vocabulary. "
                          "Pass tokenizer=tokenizer.")
-    plan = plan_merge(model)  # refuses adapters that cannot be merged exactly, before any work
-    base = model.get_base_model()
-    entries, described = merged_entries(model, plan)
+    if hasattr(model, "get_base_model"):
+        plan = plan_merge(model)  # refuses adapters that cannot be merged exactly, before any work
+        base = model.get_base_model()
+        entries, described = merged_entries(model, plan)
+    else:
+        base = model
+        entries, described = model_entries(model)
     directory = Path(save_directory).expanduser()
     stem = _file_stem(directory.name or "model")
     paths = [directory / f"{stem}.{method.upper()}.gguf" for method in methods]
-    logger.info("save_pretrained_gguf: merging onto %s.", described)
+    logger.info("save_pretrained_gguf: exporting %s.", described)
     return _export(entries, base.config, tokenizer, methods, paths, overwrite, stem,
                    directory / "Modelfile" if modelfile else None)
 
