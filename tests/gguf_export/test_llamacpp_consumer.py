@@ -5,7 +5,7 @@
 * Every quantisation method: the file is what llama.cpp's own quantiser (``llama_model_quantize``,
   i.e. ``llama-quantize``) makes from our F32 file: same tensor types, same bytes. That covers
   our K-quants, the legacy quants (gguf package) and the per-tensor type mixes at once.
-* Quantised files run: Q8_0 predicts like the float model, Q4_K_M's perplexity is llama.cpp's.
+* Quantised files run: F16, BF16 and Q8_0 predict like the float model, Q4_K_M's perplexity is llama.cpp's.
 """
 
 from __future__ import annotations
@@ -176,13 +176,23 @@ def test_q4_k_m_uses_llama_cpp_mix(exported):
     assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.attn_norm.weight"] == "F32"
 
 
-def test_q8_0_predicts_like_the_float_model(trained, tmp_path):
+# Largest |Δ logit| against the float model, for logits spanning ~25: llama.cpp multiplies F16/BF16
+# weights with activations rounded to the same type (relative rounding 2^-11 / 2^-8 on both
+# sides), measured 0.008 / 0.053; bounds ~2.5x that. Q8_0 is judged by its predictions only.
+HALF_PRECISION_BOUND = {"f16": 0.02, "bf16": 0.15}
+
+
+@pytest.mark.parametrize("method", ["f16", "bf16", "q8_0"])
+def test_16_and_8_bit_files_predict_like_the_float_model(method, trained, tmp_path):
     directory, model, _, held_out = trained
-    [path] = convert(directory, tmp_path / "q8_0.gguf", "q8_0", modelfile=False)
+    [path] = convert(directory, tmp_path / f"{method}.gguf", method, modelfile=False)
     with llamacpp.load(path) as llm:
         ours = llamacpp.logits(llm, held_out)
-    agreement = (ours.argmax(-1) == _hf_logits(model, held_out).argmax(-1)).mean()
+    expected = _hf_logits(model, held_out)
+    agreement = (ours.argmax(-1) == expected.argmax(-1)).mean()
     assert len(held_out) >= 300 and agreement >= 0.99
+    if method in HALF_PRECISION_BOUND:
+        assert np.abs(ours - expected).max() <= HALF_PRECISION_BOUND[method]
 
 
 def test_q4_k_m_perplexity_is_llama_cpps(trained, tmp_path):
