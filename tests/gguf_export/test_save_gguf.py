@@ -185,3 +185,18 @@ def test_a_full_finetune_is_exported_as_it_is_in_memory(zoo_cache, tmp_path):
         expected = model(torch.tensor([ids])).logits[0].float().numpy()
     with llamacpp.load(path) as llm:
         assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
+
+
+@needs_llama_cpp
+def test_a_trained_head_of_tied_embeddings_is_written(zoo_cache, tmp_path):
+    """qwen2_k ties lm_head to the embeddings; training a copy of the head (modules_to_save)
+    unties them, so the file must hold an output tensor of its own."""
+    model, tokenizer = _trained("qwen2_k", zoo_cache, modules_to_save=["lm_head"])
+    [path] = model.save_pretrained_gguf(tmp_path / "untied", tokenizer, quantization_method="f32")
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+    ids = tokenizer(PROMPT).input_ids
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].float().numpy()
+    with llamacpp.load(path) as llm:
+        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4

@@ -20,6 +20,7 @@ disk space are checked.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -51,16 +52,19 @@ def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_met
                          "Pass tokenizer=tokenizer.")
     if hasattr(model, "get_base_model"):
         plan = plan_merge(model)  # refuses adapters that cannot be merged exactly, before any work
-        base = model.get_base_model()
+        config = model.get_base_model().config
         entries, described = merged_entries(model, plan)
+        if plan.untie:  # a trained lm_head (or embedding) of a tied pair: both go in the file
+            config = copy.deepcopy(config)
+            config.get_text_config().tie_word_embeddings = config.tie_word_embeddings = False
     else:
-        base = model
+        config = model.config
         entries, described = model_entries(model)
     directory = Path(save_directory).expanduser()
     stem = _file_stem(directory.name or "model")
     paths = [directory / f"{stem}.{method.upper()}.gguf" for method in methods]
     logger.info("save_pretrained_gguf: exporting %s.", described)
-    return _export(entries, base.config, tokenizer, methods, paths, overwrite, stem,
+    return _export(entries, config, tokenizer, methods, paths, overwrite, stem,
                    directory / "Modelfile" if modelfile else None)
 
 
