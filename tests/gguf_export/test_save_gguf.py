@@ -200,3 +200,33 @@ def test_a_trained_head_of_tied_embeddings_is_written(zoo_cache, tmp_path):
         expected = model(torch.tensor([ids])).logits[0].float().numpy()
     with llamacpp.load(path) as llm:
         assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
+
+
+@needs_llama_cpp
+def test_new_tokens_and_a_resized_vocabulary(zoo_cache, tmp_path):
+    """Added tokens (one special, one not) beyond the checkpoint's 1024 rows: the file's vocabulary
+    and embeddings grow with them, and llama.cpp reads both tokens as single ids."""
+    from unsloth_like import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama_k", zoo_cache)), load_in_4bit=False)
+    tokenizer.add_tokens(["<think>"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    model.resize_token_embeddings(1024 + 256)  # past the checkpoint's rows (and keeps rows % 256 for the test)
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False,
+                                             modules_to_save=["embed_tokens", "lm_head"])
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+    [path] = model.save_pretrained_gguf(tmp_path / "grown", tokenizer, quantization_method="f32")
+    fields = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+    assert len(fields["tokenizer.ggml.tokens"]) == 1280
+    text = "<|tool|> What is 3 plus 4? <think>"
+    ids = tokenizer(text).input_ids
+    assert tokenizer.convert_tokens_to_ids("<|tool|>") in ids and tokenizer.convert_tokens_to_ids("<think>") in ids
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].float().numpy()
+    with llamacpp.load(path) as llm:
+        assert llamacpp.tokenize(llm, text, add_bos=True) == ids
+        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
