@@ -30,10 +30,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _gguf(args: argparse.Namespace) -> int:
+    import sys
+
     from .save.gguf import convert
 
-    paths = convert(args.checkpoint, args.output, args.quantization or ["q8_0"], overwrite=args.overwrite,
-                    modelfile=not args.no_modelfile)
+    try:
+        paths = convert(args.checkpoint, args.output, args.quantization or ["q8_0"], overwrite=args.overwrite,
+                        modelfile=not args.no_modelfile)
+    except (ValueError, OSError) as error:  # bad input, existing files, disk space: the message says what to do
+        print(f"unsloth-like gguf: error: {error}", file=sys.stderr)
+        return 2
     for path in paths:
         print(path)
     return 0

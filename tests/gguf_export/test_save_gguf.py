@@ -150,6 +150,10 @@ def test_cli_converts_a_checkpoint(zoo_cache, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["Modelfile", f"{source.name}.BF16.gguf", f"{source.name}.Q4_K_S.gguf"]
     assert "Q4_K_S.gguf" in capsys.readouterr().out
+    assert cli_main(["gguf", str(source), str(tmp_path / "out"), "-q", "q4_k_s"]) == 2  # exists: no traceback
+    assert "overwrite" in capsys.readouterr().err
+    assert cli_main(["gguf", str(source), str(tmp_path / "other"), "-q", "q4_ks"]) == 2
+    assert "Did you mean 'q4_k_s'?" in capsys.readouterr().err
 
 
 def test_push_to_hub_gguf_uploads_files_and_modelfile(zoo_cache, caplog):
