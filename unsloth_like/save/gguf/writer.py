@@ -99,12 +99,12 @@ def write_gguf_files(plan: list[PlannedTensor], config, vocab: Vocabulary, metho
         for tensor in tqdm(plan, desc=f"Writing GGUF ({', '.join(methods)})", unit="tensor"):
             _write_tensor(tensor, writers, device)
         for writer in writers:
-            writer.close()
+            writer.close()  # flushes: a full disk fails here, before anything is renamed
         for partial, path in zip(partials, paths):
             os.replace(partial, path)
     finally:
         for writer in writers:
-            writer.close()
+            writer.close()  # a no-op once closed
         for partial in partials:
             partial.unlink(missing_ok=True)
     return paths
