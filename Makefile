@@ -12,6 +12,7 @@ PYTEST_ARGS ?=
 FLOOR_VENV ?= .venv-floor
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.unsloth_like-installed
+TEST_STAMP := $(VENV)/.unsloth_like-test-tools-installed
 
 .PHONY: demo test test-fast test-floor doctor clean
 
@@ -20,21 +21,26 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-# llama-cpp-python (the gguf-check extra) compiles llama.cpp from source: ~10 min on 2 cores the
-# first time, seconds afterwards from pip's wheel cache. GGML_NATIVE=OFF makes that cached wheel
-# portable (a -march=native build crashes on CPUs without the same extensions).
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# What only the tests need. llama-cpp-python (the gguf-check extra) compiles llama.cpp from
+# source: ~10 min on 2 cores the first time, seconds afterwards from pip's wheel cache;
+# GGML_NATIVE=OFF makes that cached wheel portable (a -march=native build crashes on CPUs without
+# the same extensions). Go runs the Ollama template tests (tests/gguf_export); without it they are
+# skipped, never failed.
+$(TEST_STAMP): $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check]"
-# Go runs the Ollama template tests (tests/gguf_export); without it they are skipped, never failed.
 	@command -v go >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q golang-go >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q golang-go >/dev/null 2>&1)) || echo "note: Go not installed; Ollama template tests will be skipped"
 	touch $@
 
 demo: $(STAMP)
 	$(BIN)/python -m unsloth_like demo --overwrite
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # The suite against the lowest version of every dependency pyproject.toml admits.
