@@ -22,15 +22,6 @@ needs_llamacpp = pytest.mark.skipif(
     reason=f"llama-cpp-python is not installed, so there is no llama.cpp to compare with ({llamacpp.INSTALL_HINT})")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Small tensors, many tiny ops: torch's thread pool only adds wake-up latency on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

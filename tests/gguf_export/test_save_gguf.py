@@ -42,10 +42,14 @@ def test_merged_gguf_runs_the_lora_model_in_llama_cpp(load_in_4bit, zoo_cache, t
     [path] = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="f32")
     assert path.name == "gguf.F32.gguf" and (tmp_path / "gguf" / "Modelfile").is_file()
     reference = model if not load_in_4bit else _as_16bit(model, zoo_cache)
-    ids = tokenizer(PROMPT).input_ids
-    reference.eval()
+    _assert_llama_cpp_runs_it_like(reference, tokenizer(PROMPT).input_ids, path)
+
+
+def _assert_llama_cpp_runs_it_like(model, ids: list[int], path) -> None:
+    """llama.cpp's logits for the F32 file ``path`` equal ``model``'s to float32 rounding."""
+    model.eval()
     with torch.no_grad():
-        expected = reference(torch.tensor([ids])).logits[0].float().numpy()
+        expected = model(torch.tensor([ids])).logits[0].float().numpy()
     with llamacpp.load(path) as llm:
         assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
 
@@ -183,12 +187,7 @@ def test_a_full_finetune_is_exported_as_it_is_in_memory(zoo_cache, tmp_path):
         for param in model.parameters():
             param.mul_(1.05)  # as if trained
     [path] = model.save_pretrained_gguf(tmp_path / "full", tokenizer, quantization_method="f32")
-    ids = tokenizer(PROMPT).input_ids
-    model.eval()
-    with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0].float().numpy()
-    with llamacpp.load(path) as llm:
-        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
+    _assert_llama_cpp_runs_it_like(model, tokenizer(PROMPT).input_ids, path)
 
 
 @needs_llama_cpp
@@ -198,12 +197,7 @@ def test_a_trained_head_of_tied_embeddings_is_written(zoo_cache, tmp_path):
     model, tokenizer = _trained("qwen2_k", zoo_cache, modules_to_save=["lm_head"])
     [path] = model.save_pretrained_gguf(tmp_path / "untied", tokenizer, quantization_method="f32")
     assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
-    ids = tokenizer(PROMPT).input_ids
-    model.eval()
-    with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0].float().numpy()
-    with llamacpp.load(path) as llm:
-        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
+    _assert_llama_cpp_runs_it_like(model, tokenizer(PROMPT).input_ids, path)
 
 
 @needs_llama_cpp
@@ -228,9 +222,6 @@ def test_new_tokens_and_a_resized_vocabulary(zoo_cache, tmp_path):
     text = "<|tool|> What is 3 plus 4? <think>"
     ids = tokenizer(text).input_ids
     assert tokenizer.convert_tokens_to_ids("<|tool|>") in ids and tokenizer.convert_tokens_to_ids("<think>") in ids
-    model.eval()
-    with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0].float().numpy()
     with llamacpp.load(path) as llm:
         assert llamacpp.tokenize(llm, text, add_bos=True) == ids
-        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
+    _assert_llama_cpp_runs_it_like(model, ids, path)
