@@ -61,6 +61,27 @@ def _liger(path: str, name: str):
         return None
 
 
+def _cross_entropy_with_vocab_block(block: int):
+    """``cross_entropy`` walking the vocabulary in blocks of ``block`` columns instead of the default.
+
+    The default block was chosen on CPU as the widest one ptxas compiles without register spills;
+    this variant measures the wider, spilling block it replaced in the same run.
+    """
+    import importlib
+
+    import unsloth_like.kernels as K
+
+    module = importlib.import_module("unsloth_like.kernels.cross_entropy")
+
+    def run(logits, labels):
+        saved, module.MAX_VOCAB_BLOCK = module.MAX_VOCAB_BLOCK, block
+        try:  # the gradient is written in the forward kernel: backward launches nothing
+            return K.cross_entropy(logits, labels)
+        finally:
+            module.MAX_VOCAB_BLOCK = saved
+    return run
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -132,6 +153,7 @@ def gpu_cases(quick: bool) -> list[Case]:
                         "labels": torch.randint(0, vocab, (tokens,), device=dev)}
             n = tokens * vocab * 2
             variants = {"unsloth_like": K.cross_entropy,
+                        "unsloth_like_block32768": _cross_entropy_with_vocab_block(32768),
                         "torch_eager": lambda logits, labels: F.cross_entropy(logits.float(), labels)}
             if liger_ce:
                 variants["liger"] = lambda logits, labels: _first(liger_ce.apply(logits, labels, None))

@@ -46,7 +46,7 @@ import math
 
 import torch
 
-from ._backend import Backend, register_op, select_backend
+from ._backend import Backend, interpreter_enabled, register_op, select_backend
 from ._common import FLOAT_DTYPES, check_float_tensor, check_same_device, tl, triton
 
 register_op("dequantize_nf4", "bitsandbytes NF4 (optionally double-quantised) weights to fp32/bf16/fp16, bit-exact")
@@ -142,11 +142,11 @@ def _dequantize_nf4_kernel(
     tl.store(OUT + offs, result, mask=mask)
 
 
-def _launch_block(device: torch.device) -> tuple[int, int]:
-    """(elements per program, num_warps)."""
-    if device.type == "cuda":
-        return 1024, 4
-    return 16384, 4  # the interpreter runs programs one after another: fewer, larger ones
+def _launch_block() -> tuple[int, int]:
+    """(elements per program, num_warps) for the compiled kernel, or for the interpreter."""
+    if interpreter_enabled():
+        return 16384, 4  # the interpreter runs programs one after another: fewer, larger ones
+    return 1024, 4
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None = None,
@@ -172,7 +172,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
         offset = plan.offset.reshape(1)
     else:  # unused by the kernel (NESTED is a constexpr): any valid pointer
         absmax2 = code2 = offset = absmax
-    block, num_warps = _launch_block(device)
+    block, num_warps = _launch_block()
     _dequantize_nf4_kernel[(triton.cdiv(plan.n, block),)](
         flat, absmax, nf4_code(device), absmax2, code2, offset, result, plan.n,
         BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested, BLOCK=block,

@@ -44,7 +44,11 @@ def set_gradient_checkpointing(model: nn.Module, mode) -> None:
     check_mode(mode)
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     if mode is False:
-        if getattr(root, "is_gradient_checkpointing", False):
+        # transformers 5 renamed the property and warns on the old name; older releases lack the new one
+        enabled = getattr(root, "is_activation_checkpointing", None)
+        if enabled is None:
+            enabled = getattr(root, "is_gradient_checkpointing", False)
+        if enabled:
             disable = getattr(root, "activation_checkpointing_disable", None) or root.gradient_checkpointing_disable
             disable()
         _remove_trainer_override(root)
