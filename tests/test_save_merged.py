@@ -65,6 +65,19 @@ def test_merged_16bit_reloads_as_the_lora_model(name, zoo_cache, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_saved_generation_config_stops_at_the_chat_templates_eos(zoo_cache, tmp_path):
+    from unsloth_like.chat_templates import get_chat_template
+
+    model, tokenizer = _trained("llama", zoo_cache)
+    # A base checkpoint (Llama-3.1-8B's own generation_config) stops at end-of-text only.
+    model.get_base_model().generation_config.eos_token_id = base_eos = tokenizer.eos_token_id
+    tokenizer = get_chat_template(tokenizer, "llama-3.1")
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [base_eos, eot]
+    assert model.get_base_model().generation_config.eos_token_id == base_eos  # the live model is untouched
+
+
 def test_qlora_merges_onto_the_original_16bit_weights(zoo_cache, tmp_path, caplog):
     """A 4-bit load of a local 16-bit checkpoint: the merge lands on the original weights (not on
     dequantised NF4), so the result equals the 16-bit base with the same adapter."""

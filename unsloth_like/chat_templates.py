@@ -65,6 +65,7 @@ __all__ = [
     "chat_template_spec",
     "get_chat_template",
     "standardize_sharegpt",
+    "stop_on_tokenizer_eos",
     "to_sharegpt",
     "train_on_responses_only",
     "without_generation_markers",
@@ -793,6 +794,25 @@ def _map_eos_token(tokenizer, stop_token: str) -> None:
             "(e.g. modules_to_save=['embed_tokens', 'lm_head']) or the model cannot learn to end its turns.",
             ", ".join(repr(t) for t in added), len(tokenizer),
         )
+
+
+def stop_on_tokenizer_eos(generation_config, tokenizer) -> bool:
+    """Add the tokenizer's EOS to ``generation_config.eos_token_id``; True when it was missing.
+
+    ``generate`` stops on the generation config's ids alone, and ``get_chat_template`` may have
+    made the template's turn end (``<|eot_id|>``, ``<|im_end|>``) the tokenizer's EOS after the
+    model was loaded: without this, a chat reply runs on past its turn. The config's own ids stay
+    (a base model may still end text with its original EOS).
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if generation_config is None or eos is None:
+        return False
+    current = generation_config.eos_token_id
+    ids = [] if current is None else [current] if isinstance(current, int) else list(current)
+    if eos in ids:
+        return False
+    generation_config.eos_token_id = [*ids, eos] if ids else eos
+    return True
 
 
 def _choose_pad_token(tokenizer, old_eos: str | None) -> None:

@@ -52,6 +52,41 @@ def test_batched_generation_after_for_inference_matches_single_prompts(zoo_cache
         assert torch.equal(row, single)
 
 
+class _ForceTokenAt:
+    """A logits processor that makes ``token`` the only choice at new position ``step``."""
+
+    def __init__(self, prompt_length: int, step: int, token: int):
+        self.at, self.token = prompt_length + step, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.at:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.token] = 0.0
+        return scores
+
+
+def test_generation_stops_at_the_eos_get_chat_template_chose(zoo_cache):
+    from unsloth_like.chat_templates import get_chat_template
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    # A base checkpoint (Llama-3.1-8B's own generation_config) stops at end-of-text only.
+    model.generation_config.eos_token_id = original_eos = tokenizer.eos_token_id
+    tokenizer = get_chat_template(tokenizer, "llama-3.1")
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert tokenizer.eos_token_id == eot != original_eos
+    FastLanguageModel.for_inference(model)
+    assert model.generation_config.eos_token_id == [original_eos, eot]  # the base's EOS still stops too
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    length = prompt["input_ids"].shape[1]
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False,
+                         logits_processor=[_ForceTokenAt(length, 2, eot)])
+    assert out.shape[1] == length + 3 and out[0, -1] == eot  # stopped on the chat's turn end
+    FastLanguageModel.for_inference(model)
+    assert model.generation_config.eos_token_id == [original_eos, eot]  # idempotent
+
+
 def test_full_finetuning_overrides_the_4bit_default(zoo_cache):
     model, _ = FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen3", zoo_cache)), full_finetuning=True)
     assert not any("Linear4bit" in type(m).__name__ for m in model.modules())

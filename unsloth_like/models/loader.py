@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat_templates import stop_on_tokenizer_eos
 from ..env import is_bfloat16_supported
 from ..save.merged import attach_export_methods, attach_save_methods
 from ..trainer import install_legacy_sft_keywords
@@ -308,7 +309,11 @@ def _set_mode(model, training: bool):
     model.train(training)
     model.config.get_text_config().use_cache = not training
     get_base = getattr(model, "get_base_model", None)
-    tokenizer = _TOKENIZERS.get(get_base() if callable(get_base) else model)
+    base = get_base() if callable(get_base) else model
+    tokenizer = _TOKENIZERS.get(base)
     if tokenizer is not None:
         tokenizer.padding_side = "right" if training else "left"
+        if not training and stop_on_tokenizer_eos(getattr(base, "generation_config", None), tokenizer):
+            logger.info("generate now also stops at the tokenizer's EOS %r (set by get_chat_template).",
+                        tokenizer.eos_token)
     return model

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..chat_templates import stop_on_tokenizer_eos
 from .merge import ShardWriter, plan_merge
 from .sources import merged_entries
 
@@ -98,7 +99,7 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
         merged_dir = staging / ".merged-16bit" if save_method != "merged_16bit" else staging
         merged_dir.mkdir(exist_ok=True)
         written = _write_merged(entries, merged_dir, max_bytes)
-        _save_config(base, merged_dir, untie=plan.untie, dtype=written)
+        _save_config(base, merged_dir, untie=plan.untie, dtype=written, tokenizer=tokenizer)
         if merged_dir is not staging:
             _quantize_4bit(merged_dir, staging, base, max_shard_size)
             shutil.rmtree(merged_dir)
@@ -154,7 +155,7 @@ def _write_merged(entries, staging: Path, max_bytes: int):
 # --- config, tokenizer ----------------------------------------------------------------------------
 
 
-def _save_config(base, staging: Path, untie: bool, dtype) -> None:
+def _save_config(base, staging: Path, untie: bool, dtype, tokenizer=None) -> None:
     config = copy.deepcopy(base.config)
     for attribute in ("quantization_config", "unsloth_return_logits"):
         if hasattr(config, attribute):
@@ -166,7 +167,10 @@ def _save_config(base, staging: Path, untie: bool, dtype) -> None:
         config.dtype = dtype
     config.save_pretrained(staging)
     if getattr(base, "generation_config", None) is not None:
-        base.generation_config.save_pretrained(staging)
+        generation_config = copy.deepcopy(base.generation_config)
+        if tokenizer is not None:  # generation with the saved model stops where chats end
+            stop_on_tokenizer_eos(generation_config, tokenizer)
+        generation_config.save_pretrained(staging)
 
 
 def _save_tokenizer(tokenizer, staging: Path) -> None:
