@@ -6,6 +6,7 @@ import collections
 import json
 import logging
 import os
+import socket
 
 import peft
 import pytest
@@ -209,7 +210,7 @@ model.save_pretrained_merged(sys.argv[2], tokenizer, max_shard_size="300KB")
 
 
 @pytest.mark.slow
-def test_a_save_killed_midway_leaves_no_target_directory(zoo_cache, tmp_path):
+def test_a_save_killed_midway_leaves_no_target_directory(zoo_cache, tmp_path, caplog):
     import signal
     import subprocess
     import sys
@@ -220,8 +221,19 @@ def test_a_save_killed_midway_leaves_no_target_directory(zoo_cache, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert not target.exists()
-    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".merged-")]
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.staging-")]
     assert len(staging) == 1 and any(staging[0].glob(".shard-*"))  # the killed work, hidden and incomplete
+
+    # The next save to that target clears what the dead process left, and only that.
+    running = tmp_path / f".merged.staging-{socket.gethostname()}-{os.getpid()}-live"
+    other_host = tmp_path / ".merged.staging-elsewhere-1-remote"
+    running.mkdir(), other_host.mkdir()
+    model, tokenizer = _trained("qwen2", zoo_cache)
+    with caplog.at_level(logging.WARNING, logger="unsloth_like"):
+        model.save_pretrained_merged(target, tokenizer)
+    assert not staging[0].exists() and running.exists() and other_host.exists()
+    assert any("killed" in r.getMessage() and staging[0].name in r.getMessage() for r in caplog.records)
+    assert (target / "config.json").exists()
 
 
 @pytest.mark.parametrize("method", ["merged_4bit", "merged_4bit_forced"])
