@@ -256,22 +256,28 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def run_gpu(quick: bool) -> dict:
+def run_gpu(quick: bool, on_case=None) -> dict:
+    """Every GPU case; ``on_case(report)`` gets the report so far after each case (a run stopped
+    by a time limit still leaves its finished cases behind)."""
     name = torch.cuda.get_device_name()
     nominal = next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
     copy_bw = copy_bandwidth()
     rows = []
-    for case in gpu_cases(quick):
+    cases = gpu_cases(quick)
+    for done, case in enumerate(cases, 1):
         for variant, fn in case.variants.items():
             rows += measure_gpu(case, variant, fn, compiled=False)
         rows += measure_gpu(case, "torch_compile", case.variants["torch_eager"], compiled=True)
         _print_case(rows, case)
-    for row in rows:
-        if row.get("gbps"):
-            row["pct_copy_bw"] = 100 * row["gbps"] * 1e9 / copy_bw
-            row["pct_nominal_bw"] = 100 * row["gbps"] * 1e9 / nominal if nominal else None
-    return {"device": name, "copy_bandwidth_gbps": copy_bw / 1e9, "nominal_bandwidth_gbps":
-            nominal / 1e9 if nominal else None, "results": rows}
+        for row in rows:
+            if row.get("gbps"):
+                row["pct_copy_bw"] = 100 * row["gbps"] * 1e9 / copy_bw
+                row["pct_nominal_bw"] = 100 * row["gbps"] * 1e9 / nominal if nominal else None
+        report = {"device": name, "copy_bandwidth_gbps": copy_bw / 1e9, "nominal_bandwidth_gbps":
+                  nominal / 1e9 if nominal else None, "results": rows, "complete": done == len(cases)}
+        if on_case is not None:
+            on_case(report)
+    return report
 
 
 def _print_case(rows, case):
@@ -367,17 +373,24 @@ def main() -> None:
     if args.cpu_case:
         print(json.dumps(cpu_case(json.loads(args.cpu_case))))
         return
-    report = run_gpu(args.quick) if torch.cuda.is_available() else run_cpu(args.quick)
     import unsloth_like
 
-    report.update({"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                   "unsloth_like": unsloth_like.__version__, "quick": args.quick})
-    slug = "cpu" if report["device"].startswith("CPU") else report["device"].split()[-1].lower()
+    slug = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"kernels-{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)  # atomic: an interrupted run never leaves a half-written result
+
+    def write(report: dict) -> None:
+        report.update({"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                       "unsloth_like": unsloth_like.__version__, "quick": args.quick})
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)  # atomic: an interrupted run never leaves a half-written result
+
+    if torch.cuda.is_available():
+        report = run_gpu(args.quick, on_case=write)  # written after every case
+    else:
+        report = run_cpu(args.quick)
+        write(report)
     print(f"\n{markdown(report)}\n\nwritten to {out}")
 
 

@@ -179,6 +179,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = {"batch": 8, "seq": 256, "warmup": 2, "steps": 5} if device == "cpu" else \
         {"batch": 2, "seq": 2048, "warmup": 3, "steps": 10}
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    slug = "cpu" if device == "cpu" else name.split()[-1].lower()
+    out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"train-{args.mode}-{slug}.json")
     rows = []
     for variant in ("hf", "unsloth_like"):
         spec = {"device": device, "variant": variant, "mode": args.mode, "gradient_checkpointing": device == "cuda"}
@@ -191,22 +194,29 @@ def main() -> None:
         print(f"{variant:<13} {row['tokens_per_s']:10.0f} tok/s  {row['s_per_step']:7.3f} s/step  "
               f"peak {row['peak_mib']:9.1f} MiB  loss {row['losses'][0]:.4f} -> {row['losses'][-1]:.4f}"
               + (f"  max seq {row['max_seq_batch1']}" if "max_seq_batch1" in row else ""), flush=True)
-    hf, ours = rows
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    report = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "mode": args.mode, "results": rows,
-              "tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
-              "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
-              "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"]}
+        report = _report(name, args.mode, rows)
+        _write_atomic(out, report)  # after each variant: a run stopped midway keeps the first
     print(f"\nours / HF: tokens/s {report['tokens_per_s_ratio']:.2f}x, step time {report['step_time_ratio']:.2f}x, "
           f"peak memory {report['peak_memory_ratio']:.2f}x")
-    slug = "cpu" if device == "cpu" else name.split()[-1].lower()
-    out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"train-{args.mode}-{slug}.json")
+    print(f"written to {out}")
+
+
+def _report(device_name: str, mode: str, rows: list[dict]) -> dict:
+    report = {"device": device_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "mode": mode, "results": rows, "complete": len(rows) == 2}
+    if len(rows) == 2:
+        hf, ours = rows
+        report.update({"tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
+                       "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
+                       "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"]})
+    return report
+
+
+def _write_atomic(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out)
-    print(f"written to {out}")
 
 
 if __name__ == "__main__":
