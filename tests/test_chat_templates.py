@@ -427,6 +427,30 @@ def test_sharegpt_mapping_renders_like_role_content(load):
         get_chat_template(load("llama3"), "llama-3", mapping={"speaker": "from"})
 
 
+@pytest.mark.parametrize("name", ["llama-3.1", "chatml", "mistral", "qwen-3", "custom"])
+def test_inference_template_drops_the_sharegpt_prelude_and_renders_the_same(load, name):
+    """The GGUF gets the template without the mapping prelude (its dict(...) is Python Jinja only)."""
+    from unsloth_like.chat_templates import inference_template, without_generation_markers
+
+    mapping = {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}
+    custom = ("{% for m in messages %}{{ m['role'] }}: {% generation %}{{ m['content'] }}{% endgeneration %}"
+              "{{ '\\n' }}{% endfor %}", "<|eot_id|>")
+    template = custom if name == "custom" else name
+    mapped = get_chat_template(load("llama3"), template, mapping=mapping, system_message="Be brief.")
+    plain = get_chat_template(load("llama3"), template, system_message="Be brief.")
+    assert "dict(" in mapped.chat_template
+    runtime = inference_template(mapped.chat_template)
+    assert "dict(" not in runtime and not re.search(r"\{%-?\s*(end)?generation", runtime)
+    assert '"mapping"' not in runtime.splitlines()[0]  # the identity comment no longer claims one
+    assert runtime == without_generation_markers(plain.chat_template)  # as if no mapping had been given
+    for prompt in (True, False):
+        assert render(mapped, FULL, runtime, add_generation_prompt=prompt) == \
+            render(mapped, FULL, None, add_generation_prompt=prompt)
+    mapped.chat_template = runtime
+    assert chat_template_spec(mapped).default_system_message == "Be brief."
+    assert inference_template(plain.chat_template) == without_generation_markers(plain.chat_template)
+
+
 def test_custom_template_tuple(load, caplog):
     template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
                 "{{ m['content'] + '<|eot_id|>' }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"

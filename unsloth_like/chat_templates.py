@@ -64,6 +64,7 @@ __all__ = [
     "apply_chat_template",
     "chat_template_spec",
     "get_chat_template",
+    "inference_template",
     "standardize_sharegpt",
     "stop_on_tokenizer_eos",
     "to_sharegpt",
@@ -656,6 +657,24 @@ def _role_checks(name: str, system_first_only: bool) -> str:
     )
 
 
+def inference_template(template: str) -> str:
+    """``template`` as an inference runtime gets it (the GGUF's ``tokenizer.chat_template``).
+
+    Runtimes send role/content messages, so a ShareGPT key mapping given to ``get_chat_template``
+    has nothing to map there; its prelude is dropped (with the mapping in the identity comment),
+    because it builds messages with ``dict(m, role=...)``, a construct C++ Jinja engines may not
+    have: Ollama renders a GGUF's embedded template through llama.cpp's engine by default. Also
+    without ``{% generation %}`` tags. Everything else renders exactly as before.
+    """
+    header = _read_header(template)
+    if header is not None and "mapping" in header:
+        own_header, prelude = _header_comment(header), _mapping_prelude(header["mapping"])
+        if template.startswith(own_header) and prelude in template:  # not edited since get_chat_template
+            plain = {key: value for key, value in header.items() if key != "mapping"}
+            template = _header_comment(plain) + template[len(own_header):].replace(prelude, "", 1)
+    return without_generation_markers(template)
+
+
 def without_generation_markers(template: str) -> str:
     """``template`` without ``{% generation %}`` tags, for runtimes that do not know them (the
     tags are a transformers extension; they change no rendered text)."""
@@ -770,6 +789,8 @@ def _custom_jinja(spec: ChatTemplate, template: str, system_message: str | None,
     """A custom template keeps its own role rules; it only gets the identity comment and the
     mapping / system-message preludes."""
     header = {"name": "custom", "system_message": system_message, "stop_token": spec.stop_token}
+    if mapping != DEFAULT_MAPPING:
+        header["mapping"] = mapping  # so inference_template can take the prelude out again
     parts = [_header_comment(header)]
     if mapping != DEFAULT_MAPPING:
         parts.append(_mapping_prelude(mapping))

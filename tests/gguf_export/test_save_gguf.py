@@ -89,6 +89,18 @@ def test_modelfile_follows_the_tokenizers_template(zoo_cache, tmp_path):
     assert "TEMPLATE" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+def test_embedded_template_is_the_runtime_form_of_a_sharegpt_template(zoo_cache, tmp_path):
+    """Ollama renders the GGUF's own template (llama.cpp's Jinja engine): no ShareGPT prelude there."""
+    from unsloth_like.chat_templates import get_chat_template, inference_template
+
+    model, tokenizer = _trained("qwen2_k", zoo_cache)
+    tokenizer = get_chat_template(tokenizer, "chatml", mapping={"role": "from", "content": "value",
+                                                                "user": "human", "assistant": "gpt"})
+    [path] = model.save_pretrained_gguf(tmp_path / "out", tokenizer, quantization_method="f16")
+    embedded = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    assert embedded == inference_template(tokenizer.chat_template) and "dict(" not in embedded
+
+
 def test_refusals_come_before_any_work(zoo_cache, tmp_path, monkeypatch):
     model, tokenizer = _trained("qwen2_k", zoo_cache)
     with pytest.raises(ValueError, match=r"Unknown quantization_method 'q4_km'\. Did you mean 'q4_k_m'\?.*q5_k_s"):

@@ -99,11 +99,11 @@ def convert(hf_dir, out_path, quantization_method="q8_0", tokenizer=None, overwr
 
 
 def _export(entries, config, tokenizer, methods, paths, overwrite, name, modelfile_path) -> list[Path]:
-    from ...chat_templates import without_generation_markers
+    from ...chat_templates import inference_template
 
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
-    vocab = vocabulary(tokenizer, config.vocab_size, without_generation_markers(template) if template else None)
+    vocab = vocabulary(tokenizer, config.vocab_size, inference_template(template) if template else None)
     plan = plan_tensors(entries, config, methods)
     _check_targets(paths + ([modelfile_path] if modelfile_path else []), overwrite)
     check_disk_space(paths[0].parent, sum(expected_file_bytes(plan, i) for i in range(len(paths))))
