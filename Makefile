@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml
 # source: ~10 min on 2 cores the first time, seconds afterwards from pip's wheel cache;
 # GGML_NATIVE=OFF makes that cached wheel portable (a -march=native build crashes on CPUs without
 # the same extensions). Go runs the Ollama template tests (tests/gguf_export); without it they are
-# skipped, never failed.
+# skipped, never failed. llama.cpp's Jinja engine (scripts/build_llamacpp_jinja.py, ~1 min once,
+# a no-op when up to date) renders the exported chat templates as llama-server and Ollama do.
 $(TEST_STAMP): $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check]"
 	@command -v go >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q golang-go >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q golang-go >/dev/null 2>&1)) || echo "note: Go not installed; Ollama template tests will be skipped"
@@ -37,10 +38,14 @@ $(TEST_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m unsloth_like demo --overwrite
 
+JINJA_RENDERER = $(BIN)/python scripts/build_llamacpp_jinja.py || echo "note: llama.cpp's Jinja renderer not built; its chat-template tests will be skipped"
+
 test: $(TEST_STAMP)
+	@$(JINJA_RENDERER)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP)
+	@$(JINJA_RENDERER)
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # The suite against the lowest version of every dependency pyproject.toml admits.
@@ -56,4 +61,4 @@ doctor: $(STAMP)
 	$(BIN)/python -m unsloth_like doctor
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) outputs .pytest_cache build/llamacpp-jinja

@@ -661,10 +661,10 @@ def inference_template(template: str) -> str:
     """``template`` as an inference runtime gets it (the GGUF's ``tokenizer.chat_template``).
 
     Runtimes send role/content messages, so a ShareGPT key mapping given to ``get_chat_template``
-    has nothing to map there; its prelude is dropped (with the mapping in the identity comment),
-    because it builds messages with ``dict(m, role=...)``, a construct C++ Jinja engines may not
-    have: Ollama renders a GGUF's embedded template through llama.cpp's engine by default. Also
-    without ``{% generation %}`` tags. Everything else renders exactly as before.
+    has nothing to map there; its prelude is dropped (with the mapping in the identity comment):
+    it builds messages with ``dict(m, role=...)``, which llama.cpp's engine (what Ollama uses for
+    a GGUF's template by default) has, but not every C++ Jinja engine does. Also without
+    ``{% generation %}`` tags. Everything else renders exactly as before.
     """
     header = _read_header(template)
     if header is not None and "mapping" in header:
