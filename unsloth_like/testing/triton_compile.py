@@ -430,8 +430,16 @@ def _write_report(path: Path, arches: list[int], summary: list[dict], records: l
                "records": [asdict(r) for r in records]}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=1))
+    partial.write_text(report_json(payload))
     partial.replace(path)
+
+
+def report_json(payload: dict) -> str:
+    """The report as JSON with one record a line: readable, and small in a diff."""
+    head = json.dumps({k: v for k, v in payload.items() if k != "records"}, indent=1)
+    records = ",\n".join("  " + json.dumps(r) for r in payload["records"])
+    return f'{head[:-2]},\n "records": [\n{records}\n ]\n}}\n'
+
 
 
 def main(argv: list[str] | None = None) -> int:
