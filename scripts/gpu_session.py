@@ -72,7 +72,7 @@ def device_slug() -> str:
 def plan(out: Path, slug: str) -> list[Step]:
     pytest = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
     env_probe = (
-        "import importlib, torch; "
+        "import importlib, importlib.util, torch; "
         "print('device', torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability()); "
         "[print(n, getattr(importlib.import_module(n), '__version__', '?')) for n in "
         "('torch', 'triton', 'transformers', 'peft', 'trl', 'bitsandbytes', 'accelerate', 'gguf', 'liger_kernel')"
