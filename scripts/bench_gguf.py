@@ -17,6 +17,7 @@ memory-mapped checkpoint pages) and CUDA peak memory:
   numbers than we do.)
 
 Both outputs are compared tensor by tensor; ``identical`` says whether every byte matched.
+Without llama-cpp-python (a GPU machine may lack it) only ours is measured, and the report says so.
 """
 
 from __future__ import annotations
@@ -148,6 +149,12 @@ def main() -> None:
         return
     import torch
 
+    from unsloth_like.testing import llamacpp
+
+    compare = llamacpp.available()
+    if not compare:
+        print("llama-cpp-python is not installed: measuring ours only (no llama.cpp times, no byte comparison).",
+              flush=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         root = Path(scratch)
         model = build_checkpoint(root / "hf", args.preset)
@@ -156,20 +163,25 @@ def main() -> None:
         rows = []
         for method in args.methods:
             ours = run_child("ours", root / "hf", root / f"ours-{method}.gguf", method)
-            theirs = run_child("llama.cpp", bf16, root / f"llamacpp-{method}.gguf", method)
-            same = identical(root / f"ours-{method}.gguf", root / f"llamacpp-{method}.gguf")
-            rows.append({"method": method, "ours": ours, "llama.cpp": theirs, "identical": same,
-                         "time_ratio_ours_over_llamacpp": round(ours["seconds"] / theirs["seconds"], 2)})
-            print(f"{method:8s} ours {ours['seconds']:7.1f} s  {ours['peak_rss_increase_mib']:8.0f} MiB | llama.cpp "
-                  f"{theirs['seconds']:7.1f} s  {theirs['peak_rss_increase_mib']:8.0f} MiB | identical {same}",
-                  flush=True)
+            row = {"method": method, "ours": ours, "llama.cpp": None, "identical": None}
+            line = f"{method:8s} ours {ours['seconds']:7.1f} s  {ours['peak_rss_increase_mib']:8.0f} MiB"
+            if compare:
+                theirs = run_child("llama.cpp", bf16, root / f"llamacpp-{method}.gguf", method)
+                same = identical(root / f"ours-{method}.gguf", root / f"llamacpp-{method}.gguf")
+                row.update({"llama.cpp": theirs, "identical": same,
+                            "time_ratio_ours_over_llamacpp": round(ours["seconds"] / theirs["seconds"], 2)})
+                line += (f" | llama.cpp {theirs['seconds']:7.1f} s  {theirs['peak_rss_increase_mib']:8.0f} MiB"
+                         f" | identical {same}")
+            rows.append(row)
+            print(line, flush=True)
             for name in (f"ours-{method}.gguf", f"llamacpp-{method}.gguf"):
-                (root / name).unlink()
+                (root / name).unlink(missing_ok=True)
     result = {
         "benchmark": "gguf-export",
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(),
+        "compared_with_llamacpp": compare,
         "model": model,
         "bf16_conversion_s": bf16_run["seconds"],
         "results": rows,
