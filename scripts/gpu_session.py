@@ -13,7 +13,7 @@ each step did to ``<out>/session.json`` after every step, so a killed run still 
    2.3x tokens/s and 0.35x memory targets);
 4. ``kernels``: ``bench_kernels.py --quick`` (bandwidth, cross-entropy block sizes, Liger);
 5. ``kernel-suite``: the whole kernel test suite, compiled, on CUDA tensors;
-6. ``gguf-8b``: the 8B q4_k_m export (needs llama-cpp-python among the wheels, ~45 GB of disk);
+6. ``gguf-8b``: the 8B q4_k_m export (against llama.cpp when its wheel is there; ~45 GB of disk);
 7. ``max-seq``: the longest batch-1 sequence that fits, LoRA (many fresh processes).
 
 On the device machine (the wheels come from ``../shared/tools/gpu_wheels.sh core``)::
