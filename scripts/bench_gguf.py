@@ -158,8 +158,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         root = Path(scratch)
         model = build_checkpoint(root / "hf", args.preset)
-        bf16 = root / "model-bf16.gguf"
-        bf16_run = run_child("ours", root / "hf", bf16, "bf16")
+        bf16 = root / "model-bf16.gguf"  # llama.cpp's input: only made when llama.cpp runs
+        bf16_run = run_child("ours", root / "hf", bf16, "bf16") if compare else None
         rows = []
         for method in args.methods:
             ours = run_child("ours", root / "hf", root / f"ours-{method}.gguf", method)
@@ -183,7 +183,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "compared_with_llamacpp": compare,
         "model": model,
-        "bf16_conversion_s": bf16_run["seconds"],
+        "bf16_conversion_s": bf16_run["seconds"] if bf16_run else None,
         "results": rows,
     }
     if args.out:
