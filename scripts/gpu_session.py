@@ -12,6 +12,7 @@ each step did to ``<out>/session.json`` after every step, so a killed run still 
 3. ``train-lora`` / ``train-qlora``: ``bench_train.py`` on Llama-3.1-8B dimensions (the issue's
    2.3x tokens/s and 0.35x memory targets);
 4. ``kernels``: ``bench_kernels.py --quick`` (bandwidth, cross-entropy block sizes, Liger);
+   ``train-liger``: the LoRA step of HF + PEFT with Liger-Kernel applied (its peer);
 5. ``kernel-suite``: the whole kernel test suite, compiled, on CUDA tensors;
 6. ``gguf-8b``: the 8B q4_k_m export (against llama.cpp when its wheel is there; ~45 GB of disk);
 7. ``max-seq``: the longest batch-1 sequence that fits, LoRA (many fresh processes).
@@ -80,14 +81,16 @@ def plan(out: Path, slug: str) -> list[Step]:
     )
     return [
         Step("env", [PYTHON, "-c", env_probe], 60, 20),
-        Step("gpu-tests", [*pytest, "-m", "gpu", "--junitxml", str(out / "gpu-tests.xml")], 200, 60,
-             ["gpu-tests.xml"]),
+        Step("gpu-tests", [*pytest, "-m", "gpu"], 200, 60),  # its report is in session.log
         Step("train-lora", [PYTHON, "scripts/bench_train.py", "--out", str(out / f"train-lora-{slug}.json")], 200, 90,
              [f"train-lora-{slug}.json"]),
         Step("train-qlora", [PYTHON, "scripts/bench_train.py", "--mode", "qlora",
                              "--out", str(out / f"train-qlora-{slug}.json")], 240, 120, [f"train-qlora-{slug}.json"]),
         Step("kernels", [PYTHON, "scripts/bench_kernels.py", "--quick", "--out", str(out / f"kernels-{slug}.json")],
              240, 90, [f"kernels-{slug}.json"]),
+        Step("train-liger", [PYTHON, "scripts/bench_train.py", "--variants", "hf_liger",
+                             "--out", str(out / f"train-lora-liger-{slug}.json")], 150, 90,
+             [f"train-lora-liger-{slug}.json"]),
         # not slow: the suite's slow test compiles every kernel for three GPUs without one (done in CI)
         Step("kernel-suite", [*pytest, "-x", "-m", "not slow", "tests/kernels"], 240, 60),
         Step("gguf-8b", [PYTHON, "scripts/bench_gguf.py", "--preset", "llama-3.1-8b", "--methods", "q4_k_m",

@@ -50,3 +50,22 @@ def test_longest_sequence_doubles_until_out_of_memory(bench, monkeypatch):
     monkeypatch.setattr(bench, "_run_subprocess", fake)
     assert bench._longest_sequence({"variant": "hf"}) == 8192
     assert tried == [2048, 4096, 8192, 16384]
+
+
+def test_report_gives_ours_over_hf_only_when_both_ran(bench):
+    row = {"tokens_per_s": 100.0, "s_per_step": 2.0, "peak_mib": 1000.0}
+    both = bench._report("H200", "lora", [{**row, "variant": "hf"},
+                                          {**row, "variant": "unsloth_like", "tokens_per_s": 250.0, "peak_mib": 300.0}],
+                         complete=True)
+    assert (both["tokens_per_s_ratio"], both["peak_memory_ratio"], both["complete"]) == (2.5, 0.3, True)
+    peer_only = bench._report("H200", "lora", [{**row, "variant": "hf_liger"}], complete=True)
+    assert "tokens_per_s_ratio" not in peer_only and peer_only["results"][0]["variant"] == "hf_liger"
+
+
+def test_liger_variant_is_refused_without_a_gpu_in_one_sentence(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(SCRIPT), "--variants", "hf_liger", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "needs a CUDA device and liger-kernel" in done.stderr
+    assert not (tmp_path / "x.json").exists()
