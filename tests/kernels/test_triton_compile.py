@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for T4, A100 and H100/H200 at the launches our ops really make.
+"""Every Triton kernel compiles for T4, A100, H100/H200, B200 and RTX 50 at the launches our ops make.
 
 The interpreter tests prove what the kernels compute; this proves the compiler accepts them, and
 that ptxas fits them in registers, without a GPU (``unsloth_like.testing.triton_compile``). It

@@ -56,9 +56,9 @@ register_op(
 
 REDUCTIONS = ("mean", "sum", "none")
 # Widest slice of a row one program holds at a time; vocabularies beyond it are walked in blocks.
-# 8192 columns (16 warps) is the widest block ptxas compiles without spilling registers on sm_80
-# and sm_90: 32768 (32 warps, 64 registers a thread) spilled 200-600 bytes a thread in every
-# variant (``python -m unsloth_like.testing.triton_compile``). Walking the row in more blocks
+# 8192 columns (16 warps) is the widest block ptxas compiles without spilling registers on every
+# architecture checked (sm_75 to sm_120): 32768 (32 warps, 64 registers a thread) spilled 200-600
+# bytes a thread in every variant (``python -m unsloth_like.testing.triton_compile``). Walking the row in more blocks
 # costs nothing for a kernel bound by memory bandwidth.
 MAX_VOCAB_BLOCK = 8192
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

@@ -35,8 +35,9 @@ from typing import Callable, Iterator
 
 import torch
 
-# Architectures checked by default: T4 (sm_75, Colab's free GPU), A100 (sm_80), H100/H200 (sm_90).
-DEFAULT_ARCHES = (75, 80, 90)
+# Architectures checked by default: T4 (sm_75, Colab's free GPU), A100 (sm_80), H100/H200 (sm_90),
+# B200 (sm_100) and RTX 50-series (sm_120).
+DEFAULT_ARCHES = (75, 80, 90, 100, 120)
 # The widest block the supported models need: rows of hidden sizes up to 8192 (70B-class) and the
 # cross-entropy's vocabulary block. Wider blocks (row kernels allow up to 65536) compile, but
 # spill registers: reported apart.
@@ -445,7 +446,7 @@ def report_json(payload: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHES),
-                        help="CUDA compute capabilities, e.g. 75 (T4) 80 (A100) 90 (H100/H200)")
+                        help="CUDA compute capabilities, e.g. 75 (T4) 80 (A100) 90 (H100/H200) 120 (RTX 50)")
     parser.add_argument("--family", nargs="+", choices=sorted(CASE_FAMILIES), help="only these op families")
     parser.add_argument("--json", help="write every record and the summary to this file")
     parser.add_argument("--zoo-cache", help="directory for the zoo models of the 'models' family")
