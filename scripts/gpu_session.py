@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +92,7 @@ def plan(out: Path, slug: str) -> list[Step]:
         Step("train-liger", [PYTHON, "scripts/bench_train.py", "--variants", "hf_liger",
                              "--out", str(out / f"train-lora-liger-{slug}.json")], 150, 90,
              [f"train-lora-liger-{slug}.json"]),
-        # not slow: the suite's slow test compiles every kernel for three GPUs without one (done in CI)
+        # not slow: the suite's slow test compiles every kernel for five GPU architectures (CI does it)
         Step("kernel-suite", [*pytest, "-x", "-m", "not slow", "tests/kernels"], 240, 60),
         Step("gguf-8b", [PYTHON, "scripts/bench_gguf.py", "--preset", "llama-3.1-8b", "--methods", "q4_k_m",
                          "--workdir", "/tmp", "--out", str(out / f"gguf-export-{slug}.json")], 420, 240,
@@ -113,7 +114,7 @@ def run_step(step: Step, timeout: float, log) -> Outcome:
     try:
         returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return Outcome(step.name, "timed out", round(time.monotonic() - started, 1), None, f"over {timeout:.0f} s")
     status = "passed" if returncode == 0 else "failed"
