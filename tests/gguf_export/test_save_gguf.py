@@ -140,6 +140,24 @@ def test_an_interrupted_export_leaves_no_file(zoo_cache, tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_the_partial_file_of_a_killed_export_is_removed_by_the_next(zoo_cache, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from unsloth_like.save.staging import staging_prefix
+
+    model, tokenizer = _trained("qwen2_k", zoo_cache)
+    [target] = model.save_pretrained_gguf(tmp_path / "out", tokenizer, quantization_method="f16")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process that no longer runs, as after a SIGKILL mid-export
+    abandoned = target.with_name(f"{staging_prefix(target)}{gone.pid}.partial")
+    abandoned.write_bytes(b"GGUF" + bytes(1000))
+    with caplog.at_level(logging.WARNING, logger="unsloth_like"):
+        model.save_pretrained_gguf(tmp_path / "out", tokenizer, quantization_method="f16", overwrite=True)
+    assert not abandoned.exists() and target.exists()
+    assert any("killed" in r.getMessage() and abandoned.name in r.getMessage() for r in caplog.records)
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     import transformers
 

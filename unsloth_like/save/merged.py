@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
 import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import torch
 from ..chat_templates import stop_on_tokenizer_eos
 from .merge import ShardWriter, plan_merge
 from .sources import merged_entries
+from .staging import remove_abandoned, staging_name
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +219,11 @@ def _check_disk_space(target: Path, expected_bytes: float) -> None:
 def atomic_directory(target: Path, overwrite: bool):
     """A temporary directory next to ``target``, renamed to ``target`` when the block succeeds.
 
-    Its name records the host and process, so a later save to the same target can remove what a
-    killed one left (a merged 8B model is 16 GB of hidden shards) without touching a save that
-    still runs, here or on another machine sharing the filesystem.
+    Its name records the host and process (``staging``): a later save to the same target removes
+    what a killed one left, and nothing of a save still running.
     """
-    _remove_abandoned_staging(target)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}-", dir=target.parent))
+    remove_abandoned(target)
+    staging = Path(tempfile.mkdtemp(prefix=staging_name(target, "-"), dir=target.parent))
     try:
         yield staging
         if target.exists():
@@ -236,31 +234,3 @@ def atomic_directory(target: Path, overwrite: bool):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-
-def _staging_prefix(target: Path) -> str:
-    return f".{target.name}.staging-{socket.gethostname()}-"
-
-
-def _remove_abandoned_staging(target: Path) -> None:
-    """Delete staging directories for ``target`` whose process, on this host, no longer runs."""
-    prefix = _staging_prefix(target)
-    if not target.parent.is_dir():
-        return
-    for path in target.parent.glob(glob.escape(prefix) + "*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or _process_alive(int(pid)):
-            continue
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        shutil.rmtree(path, ignore_errors=True)
-        logger.warning("Removed %s (%.1f MB), left behind by an earlier save of %s that was killed.",
-                       path, size / 1e6, target.name)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True

@@ -7,8 +7,9 @@ and appended to it: several quantisation methods cost one merge, not one per fil
 written in llama.cpp's order (by block, then by name), which is also the order its quantiser
 walks them in; ``TypeChooser`` depends on that order.
 
-Files are written as ``.<name>.partial`` next to the target and renamed into place only when
-complete, so an interrupted export never leaves a file that looks like a valid GGUF.
+Files are written under a hidden staging name next to the target (``save.staging``: it names the
+host and process, so the next export removes what a killed one left) and renamed into place only
+when complete, so an interrupted export never leaves a file that looks like a valid GGUF.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..sources import TensorEntry
+from ..staging import remove_abandoned, staging_name
 from .architectures import (TensorNamer, architecture_for, check_supported, extra_tensors,
                             write_hyperparameters)
 from .methods import METHODS, ModelShape, TypeChooser
@@ -91,7 +93,9 @@ def write_gguf_files(plan: list[PlannedTensor], config, vocab: Vocabulary, metho
 
     architecture = architecture_for(config)
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    partials = [path.with_name(f".{path.name}.partial") for path in paths]
+    for path in paths:
+        remove_abandoned(path)
+    partials = [path.with_name(staging_name(path, ".partial")) for path in paths]
     writers = []
     try:
         for method, partial in zip(methods, partials):
