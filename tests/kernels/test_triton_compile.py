@@ -59,6 +59,8 @@ def test_every_kernel_compiles_without_spills_for(arch, tmp_path, zoo_cache):
     cases = {r["case"].split()[0] for r in records}
     assert "model" in cases, "the patched-model family launched no kernel"
 
+    assert all(r["registers"] is not None and r["spill_store_bytes"] is not None for r in records), \
+        "ptxas reported no register or spill count"
     spilled = [
         f"{r['kernel']} ({r['case']}, {r['constexprs']}, {r['num_warps']} warps): {r['registers']} registers, "
         f"{r['spill_store_bytes']} + {r['spill_load_bytes']} bytes spilled"
@@ -67,7 +69,6 @@ def test_every_kernel_compiles_without_spills_for(arch, tmp_path, zoo_cache):
         and r["spill_store_bytes"] + r["spill_load_bytes"] > _SPILL_TOLERANCE_BYTES
     ]
     assert not spilled, "\n".join(spilled)
-    assert all(r["registers"] is not None for r in records), "ptxas reported no register count"
 
 
 @pytest.mark.skipif(not interpreter_enabled(), reason="kernels here are compiled, not interpreted")
