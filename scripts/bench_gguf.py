@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from unsloth_like.testing.memory import rss_anon_bytes
+
 PRESETS = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab)
     "tiny": (256, 512, 2, 4, 2, 1024),  # for the test of this script
@@ -69,7 +71,7 @@ class PeakMemory:
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.baseline = self.peak = _rss_anon()
+        self.baseline = self.peak = rss_anon_bytes()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -77,7 +79,7 @@ class PeakMemory:
 
     def _sample(self):
         while not self.done.is_set():
-            self.peak = max(self.peak, _rss_anon())
+            self.peak = max(self.peak, rss_anon_bytes())
             time.sleep(0.002)
 
     def __exit__(self, *exc):
@@ -88,14 +90,6 @@ class PeakMemory:
         self.result = {"peak_rss_increase_mib": round((self.peak - self.baseline) / 2**20, 1)}
         if self.cuda:
             self.result["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
-def _rss_anon() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no RssAnon line (Linux only).")
 
 
 def child(kind: str, source: str, target: str, method: str) -> dict:

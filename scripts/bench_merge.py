@@ -23,13 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def _rss_anon_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no RssAnon line (Linux only).")
+from unsloth_like.testing.memory import rss_anon_bytes
 
 
 def build_checkpoint(directory: Path, layers: int, shard: str) -> int:
@@ -65,11 +59,11 @@ def measure(directory: Path, out_dir: Path, shard: str, variant: str) -> dict:
             if "lora_B" in name:
                 param.normal_(std=0.01)
     model_bytes = sum(p.numel() * p.element_size() for p in model.get_base_model().parameters())
-    baseline, peak, done = _rss_anon_bytes(), [0], threading.Event()
+    baseline, peak, done = rss_anon_bytes(), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon_bytes())
+            peak[0] = max(peak[0], rss_anon_bytes())
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)

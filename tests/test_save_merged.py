@@ -31,12 +31,17 @@ def _trained(name, zoo_cache, load_in_4bit=False, **lora):
     model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir(name, zoo_cache)),
                                                          load_in_4bit=load_in_4bit)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False, **lora)
-    g = torch.Generator().manual_seed(0)
+    move_trainable(model)
+    return model, tokenizer
+
+
+def move_trainable(model, seed: int = 0) -> None:
+    """Move every trainable parameter off its start (zero-initialised B, copied rows), as training would."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for pname, param in sorted(model.named_parameters()):
+        for _, param in sorted(model.named_parameters()):
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * 0.02)
-    return model, tokenizer
 
 
 def _inputs(tokenizer):
@@ -286,10 +291,7 @@ def test_resized_vocabulary_with_trained_embeddings(zoo_cache, tmp_path):
     model.resize_token_embeddings(old_rows + 2)
     model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False,
                                              modules_to_save=["embed_tokens", "lm_head"])
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+    move_trainable(model, seed=1)
     out = model.save_pretrained_merged(tmp_path / "merged", tokenizer)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.get_input_embeddings().num_embeddings == old_rows + 2

@@ -17,7 +17,7 @@ from unsloth_like.testing import llamacpp
 from unsloth_like.testing.zoo import zoo_model_dir
 
 from ..fake_hub import FakeHub
-from ..test_save_merged import _trained
+from ..test_save_merged import _trained, move_trainable
 
 needs_llama_cpp = pytest.mark.skipif(not llamacpp.available(), reason=f"needs llama-cpp-python: {llamacpp.INSTALL_HINT}")
 PROMPT = "Summarise: the quick brown fox jumps over the lazy dog, twice. 3 + 4 = 7."
@@ -242,10 +242,7 @@ def test_new_tokens_and_a_resized_vocabulary(zoo_cache, tmp_path):
     model.resize_token_embeddings(1024 + 256)  # past the checkpoint's rows (and keeps rows % 256 for the test)
     model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False,
                                              modules_to_save=["embed_tokens", "lm_head"])
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+    move_trainable(model, seed=1)
     [path] = model.save_pretrained_gguf(tmp_path / "grown", tokenizer, quantization_method="f32")
     fields = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
     assert len(fields["tokenizer.ggml.tokens"]) == 1280
