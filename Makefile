@@ -1,12 +1,13 @@
 # The two commands a new user runs (see README):  make demo   /   make test
 # Both create .venv on first use (or reuse it) and install what they need into it.
-#   TORCH_SPEC   torch to install when the venv has none (a GPU user may pass their own build)
+#   TORCH_SPEC   torch (and the torchvision built for it) to install when the venv has none; a GPU
+#                user may pass their own pair. The default pair loads on CPU and GPU alike.
 #   VENV_ARGS    e.g. --system-site-packages to reuse a preinstalled CUDA torch
 #   PYTEST_ARGS  extra pytest arguments, e.g. -k zoo or -m "not slow"
 
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 VENV_ARGS ?=
 PYTEST_ARGS ?=
 FLOOR_VENV ?= .venv-floor
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("unsloth_like needs Python >= 3.10, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml
 # skipped, never failed. llama.cpp's Jinja engine (scripts/build_llamacpp_jinja.py, ~1 min once,
 # a no-op when up to date) renders the exported chat templates as llama-server and Ollama do.
 $(TEST_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check,vision]"
 	@command -v go >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q golang-go >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q golang-go >/dev/null 2>&1)) || echo "note: Go not installed; Ollama template tests will be skipped"
 	touch $@
 
@@ -40,21 +41,27 @@ demo: $(STAMP)
 
 JINJA_RENDERER = $(BIN)/python scripts/build_llamacpp_jinja.py || echo "note: llama.cpp's Jinja renderer not built; its chat-template tests will be skipped"
 
+# The environment report first (versions, CPU, whether bitsandbytes dequantises right on it), so
+# that a failure below can be attributed to its host.
 test: $(TEST_STAMP)
+	$(BIN)/python -m unsloth_like doctor
 	@$(JINJA_RENDERER)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP)
+	$(BIN)/python -m unsloth_like doctor
 	@$(JINJA_RENDERER)
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
-# The suite against the lowest version of every dependency pyproject.toml admits.
+# The suite against the lowest version of every dependency pyproject.toml admits (and of the
+# vision extra: torchvision must be the one built for the floor torch).
 test-floor:
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(VENV_ARGS) $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip packaging
-	$(FLOOR_VENV)/bin/python scripts/floor_requirements.py > $(FLOOR_VENV)/floor.txt
-	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor.txt -e ".[dev]"
+	$(FLOOR_VENV)/bin/python scripts/floor_requirements.py vision > $(FLOOR_VENV)/floor.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -c $(FLOOR_VENV)/floor.txt -e ".[dev,vision]"
 	$(FLOOR_VENV)/bin/python -m pip check
+	$(FLOOR_VENV)/bin/python -m unsloth_like doctor
 	$(FLOOR_VENV)/bin/python -m pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
 doctor: $(STAMP)

@@ -15,6 +15,8 @@ optimizer steps. Reported: tokens/s, seconds per step and peak memory above the 
 (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). On a GPU the model has
 Llama-3.1-8B's dimensions with random weights (no hub on the benchmark machines); its 4-bit form
 quantises those weights with bitsandbytes (NF4, double quantisation), as a 4-bit load would.
+On a CPU whose bitsandbytes dequantises wrongly (its AVX512 path; ``unsloth_like.host``), the
+``hf`` QLoRA baseline uses bitsandbytes' own pure-torch dequantisation: the report says so.
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ def _add_adapters(model, spec: dict):
 def run_variant(spec: dict) -> dict:
     """One variant in this (fresh) process."""
     device = spec["device"]
+    if device == "cpu" and spec["mode"] == "qlora":
+        from unsloth_like.testing.bitsandbytes_cpu import correct_bitsandbytes_baselines
+
+        routing = correct_bitsandbytes_baselines()  # for the process: it ends with the variant
+        spec = {**spec, "bitsandbytes_cpu": routing.describe()}
     # Both variants seed 0 right before creating adapters: identical initial adapters.
     model = _add_adapters(_build_model(device, quantized=spec["mode"] == "qlora"), spec)
     model.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 
@@ -59,3 +60,34 @@ def test_cli_rejects_unknown_command():
     done = subprocess.run([sys.executable, "-m", "unsloth_like", "frobnicate"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "invalid choice: 'frobnicate'" in done.stderr
+
+
+def test_report_names_the_host_and_what_bitsandbytes_does_on_it():
+    from unsloth_like.host import bitsandbytes_cpu_probe, cpu_facts
+
+    report = unsloth_like.env_report()
+    cpu = cpu_facts()
+    assert f"cpu              {cpu.model}, {cpu.cores} cores" in report
+    assert f"avx512           {'yes' if cpu.avx512 else 'no'} (torch CPU capability {cpu.torch_capability})" in report
+    assert f"bnb 4-bit (CPU)  {bitsandbytes_cpu_probe().describe()}" in report
+    assert bitsandbytes_cpu_probe().status in ("correct", "wrong")  # bitsandbytes is a dependency: it ran
+
+
+def test_test_environment_has_a_torchvision_that_runs_beside_torch():
+    """The vision extra (make test installs it): a torchvision built for another torch imports but
+    fails on its first compiled op; doctor says so."""
+    if env.package_version("torchvision") is None:
+        pytest.fail("torchvision is missing: install the vision extra (pip install -e '.[vision]'; make test does)")
+    assert env._torchvision_problem() is None
+
+
+def test_a_mismatched_torchvision_is_reported(monkeypatch):
+    import torchvision
+
+    def missing_operator(*args, **kwargs):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(torchvision.ops, "nms", missing_operator)
+    text = env.format_env(env.collect_env())
+    assert f"torchvision {env.package_version('torchvision')} does not run beside torch {torch.__version__}" in text
+    assert "operator torchvision::nms does not exist" in text

@@ -72,3 +72,15 @@ def test_floor_requirements_pin_every_dependency():
                           capture_output=True, text=True, check=True)
     pinned = {Requirement(line).name for line in done.stdout.splitlines()}
     assert pinned == set(_pyproject_dependencies())
+
+
+def test_floor_requirements_pin_the_named_extras_too():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+    vision = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vision"]
+    script = str(ROOT / "scripts" / "floor_requirements.py")
+    done = subprocess.run([sys.executable, script, "vision"], capture_output=True, text=True, check=True)
+    pins = {Requirement(line).name: Requirement(line) for line in done.stdout.splitlines()}
+    assert set(pins) == set(_pyproject_dependencies()) | {Requirement(line).name for line in vision}
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in pins.values())
+    unknown = subprocess.run([sys.executable, script, "visoin"], capture_output=True, text=True)
+    assert unknown.returncode != 0 and "unknown extra(s) ['visoin']" in unknown.stderr

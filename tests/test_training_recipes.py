@@ -8,6 +8,7 @@ one batch of 8 (fp32, plain SGD so the update is the gradient itself).
 from __future__ import annotations
 
 import numpy as np
+import peft
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from datasets import Dataset  # noqa: E402
 from unsloth_like import FastLanguageModel  # noqa: E402
 from unsloth_like.kernels import use_backend  # noqa: E402
 from unsloth_like.models import patch_model  # noqa: E402
+from unsloth_like.models.lora import DEFAULT_TARGET_MODULES  # noqa: E402
 from unsloth_like.testing.corpus import demo_conversations  # noqa: E402
 from unsloth_like.testing.zoo import load_zoo_model  # noqa: E402
 
@@ -72,27 +74,45 @@ def test_gradient_accumulation_equals_the_large_batch(zoo_cache, tmp_path):
         torch.testing.assert_close(accumulated[name], delta, rtol=1e-4, atol=1e-7)
 
 
-def test_eval_and_compute_metrics_get_real_logits(zoo_cache, tmp_path):
-    model, tokenizer = _lora_model(zoo_cache)
+def _evaluate(model, tokenizer, output_dir):
+    """``trainer.evaluate()`` with a token-accuracy ``compute_metrics``; also what it was handed."""
     seen = {}
 
     def compute_metrics(prediction):
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        seen["shape"] = logits.shape
-        labels = prediction.label_ids
+        predictions = prediction.predictions if isinstance(prediction.predictions, tuple) else (prediction.predictions,)
+        seen["shapes"] = [np.shape(p) for p in predictions]
+        logits, labels = predictions[0], prediction.label_ids
+        if np.ndim(logits) != 3:  # TRL 1.10's SFT eval hands compute_metrics no logits, whatever the model
+            return {}
         predicted = logits[:, :-1].argmax(-1)
         mask = labels[:, 1:] != -100
         return {"token_accuracy": float((predicted == labels[:, 1:])[mask].mean())}
 
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+    config = trl.SFTConfig(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
                            per_device_eval_batch_size=2, report_to="none", use_cpu=True, bf16=False,
                            max_length=64, save_strategy="no", disable_tqdm=True)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=_conversations(4),
                              eval_dataset=_conversations(4), processing_class=tokenizer,
                              compute_metrics=compute_metrics)
-    metrics = trainer.evaluate()
-    assert np.isfinite(metrics["eval_loss"]) and 0.0 <= metrics["eval_token_accuracy"] <= 1.0
-    assert seen["shape"][-1] == model.get_base_model().config.vocab_size
+    return trainer.evaluate(), seen
+
+
+def test_eval_and_compute_metrics_get_real_logits(zoo_cache, tmp_path):
+    """Eval through TRL: the loss and what compute_metrics receives are plain TRL + PEFT's (real
+    (batch, seq, vocab) logits wherever TRL hands logits over at all)."""
+    model, tokenizer = _lora_model(zoo_cache)
+    plain, _ = load_zoo_model("llama", cache_dir=zoo_cache)
+    plain = peft.get_peft_model(plain, peft.LoraConfig(r=4, lora_alpha=16, target_modules=list(DEFAULT_TARGET_MODULES),
+                                                       task_type="CAUSAL_LM"))
+    peft.set_peft_model_state_dict(plain, peft.get_peft_model_state_dict(model))
+    metrics, seen = _evaluate(model, tokenizer, tmp_path / "ours")
+    expected, expected_seen = _evaluate(plain, tokenizer, tmp_path / "plain")
+    assert np.isfinite(metrics["eval_loss"])
+    assert abs(metrics["eval_loss"] - expected["eval_loss"]) <= 1e-5 * expected["eval_loss"]
+    assert seen["shapes"] == expected_seen["shapes"]
+    if len(expected_seen["shapes"][0]) == 3:
+        assert seen["shapes"][0][-1] == model.get_base_model().config.vocab_size
+        assert metrics["eval_token_accuracy"] == expected["eval_token_accuracy"]
 
 
 def _trainer_step(model, tokenizer, tmp_path, batch_size, accumulation):

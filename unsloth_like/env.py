@@ -1,4 +1,4 @@
-"""What this machine offers: package versions, device, bf16, kernel backends, missing extras.
+"""What this machine offers: package versions, host CPU, device, bf16, kernel backends, extras.
 
 ``env_report()`` returns the text ``python -m unsloth_like doctor`` prints. Collecting never
 raises: a probe that fails is reported as such, because the report is what users paste into bug
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .host import CpuFacts, DequantizeProbe, bitsandbytes_cpu_probe, cpu_facts
 from .kernels import _backend
 
 # Distributions every install needs (triton only where it ships wheels: Linux).
@@ -40,6 +41,7 @@ OPTIONAL_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("xformers", "memory-efficient attention", "pip install 'unsloth-like[xformers]'"),
     ("flash-attn", "FlashAttention 2 kernels", "pip install flash-attn --no-build-isolation"),
     ("llama-cpp-python", "checking GGUF exports with llama.cpp", "pip install 'unsloth-like[gguf-check]'"),
+    ("torchvision", "image processing for vision-language models", "pip install 'unsloth-like[vision]'"),
     ("pytest", "running the test suite", "pip install 'unsloth-like[dev]'"),
     ("nbclient", "running the notebooks headless", "pip install 'unsloth-like[dev]'"),
 )
@@ -83,6 +85,8 @@ class EnvInfo:
     triton_interpreter: bool
     device_backends: dict[str, str]
     backends: dict[str, dict[str, str]]
+    cpu: CpuFacts | None = None
+    bitsandbytes_cpu: DequantizeProbe | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -94,6 +98,7 @@ def collect_env() -> EnvInfo:
     from . import __version__
 
     packages = {dist: package_version(dist) for dist in REQUIRED_PACKAGES}
+    packages["torch"] = torch.__version__  # the build's own version: +cpu / +cu130 say which build it is
     optional = {dist: package_version(dist) for dist, _, _ in OPTIONAL_PACKAGES}
     devices: list[DeviceInfo] = []
     notes: list[str] = []
@@ -112,6 +117,11 @@ def collect_env() -> EnvInfo:
     }
     if packages.get("triton", "n/a") is None:
         notes.append("Triton is missing, so every op runs its torch reference.")
+    if optional.get("torchvision"):
+        problem = _torchvision_problem()
+        if problem:
+            notes.append(problem)
+    probe = bitsandbytes_cpu_probe() if packages.get("bitsandbytes") else None
     return EnvInfo(
         python=platform.python_version(),
         platform=platform.platform(),
@@ -125,8 +135,33 @@ def collect_env() -> EnvInfo:
         triton_interpreter=_backend.interpreter_enabled(),
         device_backends={device: str(_backend.backend_for_device(device)) for device in device_types},
         backends=backends,
+        cpu=_cpu_facts_or_none(notes),
+        bitsandbytes_cpu=probe,
         notes=notes,
     )
+
+
+def _cpu_facts_or_none(notes: list[str]) -> CpuFacts | None:
+    try:
+        return cpu_facts()
+    except Exception as error:  # the report must come out whatever the host
+        notes.append(f"CPU probe failed: {error}")
+        return None
+
+
+def _torchvision_problem() -> str | None:
+    """Why the installed torchvision cannot run beside this torch (a build for another torch
+    fails on its first compiled op), or None."""
+    try:
+        import torchvision
+
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+        torchvision.ops.nms(boxes, torch.ones(1), 0.5)
+    except Exception as error:
+        return (f"torchvision {package_version('torchvision')} does not run beside torch {torch.__version__} "
+                f"({str(error).splitlines()[0] if str(error) else type(error).__name__}): install the torchvision "
+                "built for this torch (same index and release pair, e.g. torch 2.14.1 with torchvision 0.29.1).")
+    return None
 
 
 def format_env(info: EnvInfo) -> str:
@@ -137,6 +172,13 @@ def format_env(info: EnvInfo) -> str:
         "packages:",
     ]
     lines += [f"  {name:<16} {version or 'MISSING'}" for name, version in info.packages.items()]
+    lines += ["", "host:"]
+    if info.cpu is not None:
+        lines.append(f"  cpu              {info.cpu.model}, {info.cpu.cores} cores")
+        lines.append(f"  avx512           {'yes' if info.cpu.avx512 else 'no'} (torch CPU capability "
+                     f"{info.cpu.torch_capability})")
+    if info.bitsandbytes_cpu is not None:
+        lines.append(f"  bnb 4-bit (CPU)  {info.bitsandbytes_cpu.describe()}")
     lines += ["", "device:"]
     build = f"CUDA {info.torch_cuda}" if info.torch_cuda else (f"ROCm {info.torch_hip}" if info.torch_hip else "CPU only")
     lines.append(f"  torch build      {build}")

@@ -177,3 +177,18 @@ def test_8bit_load_trains_on_cpu(zoo_cache):
     out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["input_ids"])
     out.loss.backward()
     assert torch.isfinite(out.loss) and embeds.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"load_in_8bit": True}, r"quantization_config \(BitsAndBytesConfig, 4bit\) contradicts load_in_8bit=True"),
+        ({"load_in_4bit": False}, "contradicts load_in_4bit=False"),
+        ({"full_finetuning": True}, "contradicts full_finetuning=True"),
+        ({"load_in_16bit": True}, "contradicts load_in_16bit=True"),
+    ],
+)
+def test_quantization_config_contradicting_a_flag_is_refused(kwargs, message, llama_dir, nothing_heavy_loads):
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        FastLanguageModel.from_pretrained(str(llama_dir), quantization_config=config, **kwargs)

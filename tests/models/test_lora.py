@@ -267,11 +267,19 @@ def test_checkpointing_on_fused_path_and_trainer_request(quantized, zoo_cache):
         grads[setting] = _step(model, batch)[1]
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads["unsloth"][name], grad, rtol=1e-5, atol=1e-7)
-    # The Trainer's default request keeps our mode; a specific one (every_n_layers) wins.
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    # The Trainer's default request keeps our mode; a specific one wins. (transformers renamed the
+    # method in 5.2x: the Trainer calls whichever the installed release has.)
+    name = "activation" if hasattr(type(model.get_base_model()), "activation_checkpointing_enable") else "gradient"
+    enable = getattr(model, f"{name}_checkpointing_enable")
+    enable(**{f"{name}_checkpointing_kwargs": {"use_reentrant": True}})
     assert checkpointing_mode(model) == "unsloth"
-    model.activation_checkpointing_enable(every_n_layers=2)
+    enable(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False, "preserve_rng_state": False}})
     assert checkpointing_mode(model) is True
+    if name == "activation":
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
+        assert checkpointing_mode(model) == "unsloth"
+        model.activation_checkpointing_enable(every_n_layers=2)
+        assert checkpointing_mode(model) is True
 
 
 def test_same_arguments_twice_is_a_no_op_and_different_ones_say_so(zoo_cache):

@@ -1,4 +1,4 @@
-"""NF4 dequantisation of bitsandbytes 4-bit weights, bit for bit equal to ``bitsandbytes``.
+"""NF4 dequantisation of bitsandbytes 4-bit weights, bit for bit by the definition of NF4.
 
 A ``Params4bit`` weight of ``n`` elements is a uint8 tensor of ``ceil(n / 2)`` bytes (shape
 ``(ceil(n / 2), 1)``) plus a ``QuantState``. Element ``e`` of the flattened weight lives in byte
@@ -7,9 +7,11 @@ A ``Params4bit`` weight of ``n`` elements is a uint8 tensor of ``ceil(n / 2)`` b
 16-entry NF4 table, and the weight is scaled by the absmax of its block of ``blocksize``
 consecutive elements (the flattened weight is blocked; rows do not matter).
 
-The arithmetic reproduces ``bitsandbytes.functional.dequantize_4bit``: its CPU C++ kernel and
-its torch fallback (used for an odd last dimension) are tested bit for bit, and its CUDA kernel
-computes the same expression, ``(T)(nf4(q) * absmax)`` with an fp32 absmax:
+The arithmetic is the definition, ``(T)(nf4(q) * absmax)`` with an fp32 absmax, which is what
+bitsandbytes' CUDA kernel, its pure-torch implementation and its scalar CPU kernel compute (tests
+check it against a float64 evaluation, and against bitsandbytes wherever bitsandbytes is right).
+Its AVX512 CPU kernel is not: it mis-scales rows that are not a multiple of the blocksize
+(``unsloth_like.host`` detects it).
 
 1. Block absmax, in fp32. Without double quantisation it is ``quant_state.absmax`` (cast to
    fp32). With it (``quant_state.nested``), ``quant_state.absmax`` holds uint8 codes of
@@ -34,6 +36,9 @@ fly (gathers from the small absmax tensors stay in cache). Two details keep it b
   interpreter truncates fp32 -> bf16 (its "rtne" mode rounds half up and drops the carry);
   compiled Triton would round correctly, but one code path for both keeps them identical.
   fp32 -> fp16 casts are already round-to-nearest-even on both.
+
+``packed`` may have any ``quant_storage`` dtype (bitsandbytes' ``bnb_4bit_quant_storage``; FSDP
+needs it to be the compute dtype): the bytes are what count, and they are read through a uint8 view.
 
 The result always has ``quant_state.shape``. (bitsandbytes additionally transposes the output
 when ``packed.shape[0] == 1``, a backwards-compatibility shim for a legacy packed layout; that
@@ -84,7 +89,7 @@ def dequantize_nf4_reference(packed: torch.Tensor, quant_state, out: torch.Tenso
     n, blocksize = plan.n, plan.blocksize
     if n == 0:
         return _finish(torch.empty(plan.shape, dtype=plan.dtype, device=packed.device), out)
-    flat = packed.reshape(-1)
+    flat = plan.bytes
     # Element 2i is the high nibble of byte i, element 2i+1 its low nibble.
     nibbles = torch.stack((flat >> 4, flat & 0xF), dim=-1).reshape(-1)[:n]
     values = nf4_code(packed.device)[nibbles.long()]  # fp32
@@ -154,8 +159,9 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
     """Dequantise a bitsandbytes NF4 weight (``Params4bit.data`` + ``quant_state``).
 
     Returns a tensor of ``quant_state.shape`` and dtype ``dtype or quant_state.dtype``, equal
-    bit for bit to ``bitsandbytes.functional.dequantize_4bit``. ``out`` (contiguous, of that
-    shape, dtype and device) receives the result instead of a new tensor.
+    bit for bit to the NF4 definition (and so to ``bitsandbytes.functional.dequantize_4bit``
+    wherever that is right). ``packed`` may use any quant_storage dtype. ``out`` (contiguous, of
+    that shape, dtype and device) receives the result instead of a new tensor.
     """
     plan = _validate(packed, quant_state, out, dtype)
     tensors = [packed, quant_state.absmax] + ([quant_state.state2.absmax] if plan.nested else [])
@@ -163,7 +169,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
         return dequantize_nf4_reference(packed, quant_state, out=out, dtype=dtype)
     device = packed.device
     result = out if out is not None else torch.empty(plan.shape, dtype=plan.dtype, device=device)
-    flat = packed.reshape(-1).contiguous()
+    flat = plan.bytes
     absmax = quant_state.absmax.reshape(-1).contiguous()
     if plan.nested:
         state2 = quant_state.state2
@@ -187,7 +193,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
 
 
 class _Plan:
-    __slots__ = ("shape", "n", "dtype", "blocksize", "nested", "blocksize2", "offset")
+    __slots__ = ("bytes", "shape", "n", "dtype", "blocksize", "nested", "blocksize2", "offset")
 
 
 def _finish(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -197,13 +203,21 @@ def _finish(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed codes as a flat contiguous uint8 tensor (a view when they already are)."""
+    flat = packed.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
 def _validate(packed, quant_state, out, dtype) -> _Plan:
     if not isinstance(packed, torch.Tensor):
         raise ValueError(f"packed must be a torch.Tensor, got {type(packed).__name__}.")
-    if packed.dtype != torch.uint8:
+    if packed.dtype in (torch.bool, torch.complex64, torch.complex128) or packed.is_quantized:
         raise ValueError(
-            f"packed must have dtype torch.uint8 (two 4-bit codes per byte), got {packed.dtype}; "
-            "a weight stored with another quant_storage can be passed as packed.view(torch.uint8)."
+            f"packed must be the packed 4-bit bytes (uint8, or the float/int quant_storage bitsandbytes "
+            f"stored them in), got a {packed.dtype} tensor."
         )
     for attr in ("absmax", "shape", "blocksize", "quant_type", "dtype"):
         if not hasattr(quant_state, attr):
@@ -234,10 +248,13 @@ def _validate(packed, quant_state, out, dtype) -> _Plan:
         name = "dtype" if dtype is not None else "quant_state.dtype"
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {plan.dtype}.")
 
-    if packed.numel() != (plan.n + 1) // 2:
+    plan.bytes = _as_bytes(packed)
+    needed, itemsize = (plan.n + 1) // 2, packed.element_size()
+    # Another quant_storage may pad the bytes up to a whole storage element, never more.
+    if not needed <= plan.bytes.numel() < needed + itemsize:
         raise ValueError(
-            f"packed must hold ceil(n / 2) = {(plan.n + 1) // 2} bytes for quant_state.shape "
-            f"{tuple(plan.shape)}, got {packed.numel()} (shape {tuple(packed.shape)})."
+            f"packed must hold ceil(n / 2) = {needed} bytes for quant_state.shape {tuple(plan.shape)}, got "
+            f"{plan.bytes.numel()} ({packed.dtype} tensor of shape {tuple(packed.shape)})."
         )
     n_blocks = -(-plan.n // plan.blocksize)
     absmax = quant_state.absmax

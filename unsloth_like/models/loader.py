@@ -29,6 +29,7 @@ from ..save.merged import attach_export_methods, attach_save_methods
 from ..trainer import install_legacy_sft_keywords
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .lora import get_peft_model
+from .nf4_cpu_guard import guard_4bit_layers
 from .patching import patch_model, unpatch
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class FastLanguageModel:
         **kwargs,
     ):
         check_mode(use_gradient_checkpointing)
-        quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning)
+        user_quantization = kwargs.pop("quantization_config", None)
+        quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, user_quantization)
         check_max_seq_length(max_seq_length)
         device = _resolve_device(device_map)
         torch_dtype = _resolve_dtype(dtype, device)
@@ -87,7 +89,7 @@ class FastLanguageModel:
         }
         if device != "cpu":
             load_kwargs["device_map"] = device_map if device_map != "auto" else {"": device}
-        quantization_config = _quantization_config(quant, torch_dtype)
+        quantization_config = user_quantization or _quantization_config(quant, torch_dtype)
         if quantization_config is not None:
             load_kwargs["quantization_config"] = quantization_config
         model = transformers.AutoModelForCausalLM.from_pretrained(model_name, **load_kwargs)
@@ -103,6 +105,7 @@ class FastLanguageModel:
         tokenizer.model_max_length = max_seq_length
         model.max_seq_length = max_seq_length
         _TOKENIZERS[model] = tokenizer
+        guard_4bit_layers(model)  # right 4-bit maths where this CPU's bitsandbytes gets it wrong
         if cls.patch_architecture:
             patch_model(model)
         if full_finetuning:
@@ -153,7 +156,9 @@ class _Source:
         self.path, self.adapter, self.base_model = path, adapter, base_model
 
 
-def _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning) -> str:
+def _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, user_config=None) -> str:
+    if user_config is not None:
+        return _check_user_quantization(user_config, load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning)
     explicit_4bit = load_in_4bit is not _UNSET and bool(load_in_4bit)
     chosen = [name for name, on in (("load_in_4bit", explicit_4bit), ("load_in_8bit", load_in_8bit),
                                     ("load_in_16bit", load_in_16bit)) if on]
@@ -168,6 +173,29 @@ def _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetu
     if full_finetuning or load_in_4bit is not _UNSET:  # load_in_4bit=False given explicitly
         return "16bit"
     return "4bit"  # Unsloth's default
+
+
+def _check_user_quantization(config, load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning) -> str:
+    """A ``quantization_config`` passed by the user (e.g. ``BitsAndBytesConfig(...,
+    bnb_4bit_quant_storage=torch.bfloat16)`` for FSDP) is used as given; flags that contradict it
+    are refused rather than one of the two being silently ignored."""
+    def flag(name: str) -> bool:  # a config object, or the dict form transformers also takes
+        return bool(config.get(name, False) if isinstance(config, dict) else getattr(config, name, False))
+
+    wants_4bit, wants_8bit = flag("load_in_4bit"), flag("load_in_8bit")
+    kind = "4bit" if wants_4bit else "8bit" if wants_8bit else "other"
+    contradictions = [given for given, on in (
+        ("load_in_4bit=False", load_in_4bit is not _UNSET and not load_in_4bit and kind == "4bit"),
+        ("load_in_4bit=True", load_in_4bit is not _UNSET and bool(load_in_4bit) and kind != "4bit"),
+        ("load_in_8bit=True", load_in_8bit and kind != "8bit"),
+        ("load_in_16bit=True", load_in_16bit),
+        ("full_finetuning=True", full_finetuning),
+    ) if on]
+    if contradictions:
+        raise ValueError(
+            f"quantization_config ({type(config).__name__}, {kind}) contradicts {' and '.join(contradictions)}; "
+            "pass the quantisation once: either the config or the load_in_* flag.")
+    return kind
 
 
 def check_max_seq_length(max_seq_length) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from ..save.merged import attach_save_methods
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .loftq import apply_loftq, check_loftq_config
+from .nf4_cpu_guard import guard_4bit_layers
 from .patching import is_patched, lora_fusion_report, patch_model, unpatch
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def get_peft_model(
         if loftq_settings is not None:
             _loftq(peft_model, loftq_settings)
         _prepare_quantized(base, is_patched(base))
+        guard_4bit_layers(base)  # a model loaded without our loader: its unfused 4-bit layers too
     set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
     if max_seq_length is not None:
         base.max_seq_length = max_seq_length
