@@ -78,6 +78,9 @@ def unguard_4bit_layers(model: nn.Module) -> None:
 
 
 def _guarded_forward(self, x, *args, **kwargs):
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(self)  # as bitsandbytes' forward: a weight re-wrapped (FSDP) gets its state back
     quant_state = self.weight.quant_state
     if x.device.type != "cpu" or getattr(quant_state, "packing_format_for_cpu", False):
         return type(self).forward(self, x, *args, **kwargs)
