@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
+import torch
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -149,3 +151,98 @@ def test_embedding_learning_rate_bad_input(zoo_cache, tmp_path):
                              processing_class=tokenizer)
     with pytest.raises(ValueError, match="modules_to_save"):
         trainer.create_optimizer()
+
+
+# --- precision default ------------------------------------------------------------------------------
+
+from trl.trainer.base_config import _BaseConfig  # noqa: E402
+
+from unsloth_like import trainer as handoff  # noqa: E402
+
+TRL_CONFIGS = [trl.SFTConfig, trl.DPOConfig, trl.GRPOConfig, trl.KTOConfig, trl.RLOOConfig, trl.RewardConfig]
+
+
+@pytest.fixture
+def precision_shim():
+    installed_before = hasattr(_BaseConfig.__post_init__, "__wrapped__")
+    assert handoff.install_precision_default()
+    yield
+    if not installed_before:
+        handoff.uninstall_precision_default()
+
+
+@pytest.fixture
+def trl_own_precision():
+    """TRL's own __post_init__ inside the test, whatever an earlier test installed."""
+    installed_before = hasattr(_BaseConfig.__post_init__, "__wrapped__")
+    handoff.uninstall_precision_default()
+    yield
+    if installed_before:
+        handoff.install_precision_default()
+
+
+@pytest.mark.parametrize("config_class", TRL_CONFIGS, ids=lambda c: c.__name__)
+def test_trl_configs_without_precision_flags_follow_the_hardware(config_class, precision_shim, tmp_path):
+    """What Unsloth's notebooks write (no bf16/fp16) works here: fp32 on this CPU."""
+    config = config_class(output_dir=str(tmp_path))
+    assert (config.bf16, config.fp16) == handoff.default_precision()
+    if not torch.cuda.is_available():
+        assert (config.bf16, config.fp16) == (False, False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="TRL's bf16 default is valid on this GPU")
+def test_trl_alone_refuses_such_a_config_here(trl_own_precision, tmp_path):
+    with pytest.raises(ValueError, match="bf16"):
+        trl.SFTConfig(output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("flags", [{"bf16": False}, {"fp16": False, "bf16": False}, {"bf16": True, "use_cpu": True},
+                                   {"bf16": False, "use_cpu": True, "gradient_checkpointing": False}], ids=str)
+def test_explicit_flags_give_trls_own_config(flags, tmp_path):
+    handoff.install_precision_default()
+    ours = trl.SFTConfig(output_dir=str(tmp_path), **flags).to_dict()
+    handoff.uninstall_precision_default()
+    try:
+        theirs = trl.SFTConfig(output_dir=str(tmp_path), **flags).to_dict()
+    finally:
+        handoff.install_precision_default()
+    assert ours == theirs
+
+
+def test_an_explicit_flag_the_hardware_lacks_is_still_refused(precision_shim, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU case")
+    with pytest.raises(ValueError, match="bf16"):
+        trl.SFTConfig(output_dir=str(tmp_path), bf16=True)
+
+
+def test_the_chosen_pair_reaches_the_config(precision_shim, tmp_path, monkeypatch):
+    monkeypatch.setattr(handoff, "default_precision", lambda use_cpu=False: (True, False))
+    config = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True)  # bf16 on CPU is valid with use_cpu
+    assert (config.bf16, config.fp16) == (True, False)
+    monkeypatch.setattr(handoff, "default_precision", lambda use_cpu=False: None)  # another accelerator
+    with pytest.raises(ValueError, match="bf16") if not torch.cuda.is_available() else contextlib.nullcontext():
+        trl.SFTConfig(output_dir=str(tmp_path))  # TRL's own default then, with its own error here
+
+
+@pytest.mark.parametrize("cuda, bf16, use_cpu, expected", [
+    (True, True, False, (True, False)),    # Ampere and newer: bf16
+    (True, False, False, (False, True)),   # T4, V100: fp16 mixed precision
+    (True, True, True, (False, False)),    # use_cpu on a GPU machine: fp32
+    (False, False, False, (False, False)),  # CPU: fp32
+])
+def test_default_precision_follows_cuda_and_bf16(cuda, bf16, use_cpu, expected, monkeypatch):
+    from unsloth_like import env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(env, "is_bfloat16_supported", lambda: bf16)
+    monkeypatch.setattr(handoff, "_other_accelerator", lambda: False)
+    assert handoff.default_precision(use_cpu=use_cpu) == expected
+
+
+def test_from_pretrained_installs_the_precision_default(zoo_cache, trl_own_precision):
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    assert not hasattr(_BaseConfig.__post_init__, "__wrapped__")
+    FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen2", zoo_cache)), load_in_4bit=False)
+    assert hasattr(_BaseConfig.__post_init__, "__wrapped__")

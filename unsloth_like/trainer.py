@@ -1,4 +1,5 @@
-"""TRL hand-off: the legacy ``SFTTrainer`` keywords of Unsloth's notebooks, and ``UnslothTrainer``.
+"""TRL hand-off: the legacy ``SFTTrainer`` keywords of Unsloth's notebooks, the precision default,
+and ``UnslothTrainer``.
 
 **Legacy keywords.** Unsloth's notebooks call ``SFTTrainer(model=…, tokenizer=…,
 train_dataset=…, dataset_text_field="text", max_seq_length=…, packing=…, dataset_num_proc=…,
@@ -6,14 +7,26 @@ args=SFTConfig(…) or TrainingArguments(…))``. TRL ≥ 1.0 moved those keywor
 (``max_seq_length`` became ``max_length``, ``tokenizer`` became ``processing_class``) and rejects
 them. ``install_legacy_sft_keywords()`` wraps ``trl.SFTTrainer.__init__`` once, in place: a call
 *without* legacy keywords goes straight to TRL's own ``__init__`` with its arguments untouched;
-a call with them gets them moved onto (a copy of) the config, then goes to TRL. This is the one
-process-wide change the project makes to a library class, and it is inert for code that does not
-use the legacy keywords. It is installed by ``FastLanguageModel.from_pretrained`` (the first line
+a call with them gets them moved onto (a copy of) the config, then goes to TRL. This and the
+precision default below are the process-wide changes the project makes to library classes (the
+TRL hand-off DESIGN.md allows), each inert for code that does not need it. It is installed by ``FastLanguageModel.from_pretrained`` (the first line
 of every notebook), never by ``import unsloth_like``.
 
 A legacy keyword that contradicts an explicit config value (``max_seq_length=2048`` with
 ``SFTConfig(max_length=512)``) raises instead of picking one; keywords TRL removed without a
 replacement (``num_of_sequences``, ``chars_per_token``, ``dataset_batch_size``) raise too.
+
+**Precision default.** TRL's configs (``SFTConfig``, ``DPOConfig``, ``GRPOConfig``, ... all
+derive from ``trl.trainer.base_config._BaseConfig``) default to ``bf16=True`` when the user sets
+neither ``bf16`` nor ``fp16``, and transformers then refuses the config on every machine without
+bf16: any CPU, Colab's T4. Unsloth's notebooks set neither. ``install_precision_default()`` wraps
+``_BaseConfig.__post_init__`` once, in place: when neither flag was given it picks what the
+hardware does, as Unsloth does: bf16 on a CUDA GPU that has it (TRL's own choice), fp16 mixed
+precision on a CUDA GPU without it, full fp32 on the CPU (no CUDA, or ``use_cpu=True``); on other
+accelerators (XPU, MPS, ...) TRL's default stays. A config with either flag given goes to TRL's
+``__post_init__`` untouched. ``transformers.TrainingArguments`` defaults both flags to ``False``
+(fp32), which runs everywhere; it is left alone. Installed by ``from_pretrained`` with the
+legacy keywords; ``uninstall_precision_default()`` restores TRL's function.
 
 **UnslothTrainer** / **UnslothTrainingArguments(embedding_learning_rate=…)**: an ``SFTTrainer``
 whose optimizer puts the trainable embedding and lm_head weights (``modules_to_save`` copies,
@@ -73,6 +86,69 @@ def install_legacy_sft_keywords() -> bool:
     setattr(__init__, _SHIM_MARK, True)
     trainer_class.__init__ = __init__
     return True
+
+
+def default_precision(use_cpu: bool = False) -> tuple[bool, bool] | None:
+    """``(bf16, fp16)`` for a config that set neither, from this machine's hardware; None to keep
+    TRL's default (an accelerator other than CUDA)."""
+    import torch
+
+    from .env import is_bfloat16_supported
+
+    if not use_cpu and torch.cuda.is_available():
+        return (True, False) if is_bfloat16_supported() else (False, True)
+    if not use_cpu and _other_accelerator():
+        return None
+    return False, False
+
+
+def _other_accelerator() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
+
+
+def install_precision_default() -> bool:
+    """Give TRL configs that set neither ``bf16`` nor ``fp16`` the precision this machine supports
+    (idempotent; see the module docstring). Returns False when TRL is not installed."""
+    try:
+        from trl.trainer.base_config import _BaseConfig
+    except ImportError:
+        return False
+    original = _BaseConfig.__post_init__
+    if getattr(original, _SHIM_MARK, False):
+        return True
+
+    @functools.wraps(original)
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:  # neither given: TRL would pick bf16 whatever the hardware
+            chosen = default_precision(use_cpu=bool(getattr(self, "use_cpu", False)))
+            if chosen is not None:
+                self.bf16, self.fp16 = chosen
+                _log_precision_once(chosen)
+        return original(self)
+
+    setattr(__post_init__, _SHIM_MARK, True)
+    _BaseConfig.__post_init__ = __post_init__
+    return True
+
+
+@functools.cache
+def _log_precision_once(chosen: tuple[bool, bool]) -> None:
+    name = {(True, False): "bf16 mixed precision", (False, True): "fp16 mixed precision (this GPU has no bf16)",
+            (False, False): "fp32 (no CUDA GPU)"}[chosen]
+    logger.info("TRL config without bf16/fp16: training in %s, as the hardware allows.", name)
+
+
+def uninstall_precision_default() -> None:
+    """Restore TRL's own ``_BaseConfig.__post_init__``."""
+    from trl.trainer.base_config import _BaseConfig
+
+    post_init = _BaseConfig.__post_init__
+    if getattr(post_init, _SHIM_MARK, False):
+        _BaseConfig.__post_init__ = post_init.__wrapped__
 
 
 def uninstall_legacy_sft_keywords() -> None:

@@ -26,7 +26,7 @@ import torch
 from ..chat_templates import stop_on_tokenizer_eos
 from ..env import is_bfloat16_supported
 from ..save.merged import attach_export_methods, attach_save_methods
-from ..trainer import install_legacy_sft_keywords
+from ..trainer import install_legacy_sft_keywords, install_precision_default
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .lora import get_peft_model
 from .nf4_cpu_guard import guard_4bit_layers
@@ -117,6 +117,7 @@ class FastLanguageModel:
             model = attach_save_methods(PeftModel.from_pretrained(model, adapter_dir, is_trainable=True))
             set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
         install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
+        install_precision_default()  # ... and SFTConfig(...) without bf16/fp16, on T4s and CPUs too
         return model, tokenizer
 
     @staticmethod
