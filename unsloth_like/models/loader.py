@@ -28,6 +28,7 @@ from ..env import is_bfloat16_supported
 from ..save.merged import attach_export_methods, attach_save_methods
 from ..trainer import install_legacy_sft_keywords, install_precision_default
 from .checkpointing import check_mode, set_gradient_checkpointing
+from .generation import accept_encoded_inputs
 from .lora import get_peft_model
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import patch_model, unpatch
@@ -111,10 +112,12 @@ class FastLanguageModel:
         if full_finetuning:
             set_gradient_checkpointing(model, use_gradient_checkpointing)
         attach_export_methods(model)  # model.save_pretrained_gguf after a full finetune, or of the base
+        accept_encoded_inputs(model)  # generate(input_ids=apply_chat_template(..., return_tensors="pt"))
         if adapter_dir is not None:
             from peft import PeftModel
 
             model = attach_save_methods(PeftModel.from_pretrained(model, adapter_dir, is_trainable=True))
+            accept_encoded_inputs(model)
             set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
         install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
         install_precision_default()  # ... and SFTConfig(...) without bf16/fp16, on T4s and CPUs too

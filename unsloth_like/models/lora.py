@@ -30,6 +30,7 @@ from torch import nn
 
 from ..save.merged import attach_save_methods
 from .checkpointing import check_mode, set_gradient_checkpointing
+from .generation import accept_encoded_inputs
 from .loftq import apply_loftq, check_loftq_config
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import is_patched, lora_fusion_report, patch_model, unpatch
@@ -108,7 +109,7 @@ def get_peft_model(
         base.max_seq_length = max_seq_length
     if peft_model is not model:
         _log_fusion(peft_model)
-    return attach_save_methods(peft_model)
+    return accept_encoded_inputs(attach_save_methods(peft_model))
 
 
 def _wrap(base, config, random_state: int):
