@@ -246,3 +246,96 @@ def test_from_pretrained_installs_the_precision_default(zoo_cache, trl_own_preci
     assert not hasattr(_BaseConfig.__post_init__, "__wrapped__")
     FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen2", zoo_cache)), load_in_4bit=False)
     assert hasattr(_BaseConfig.__post_init__, "__wrapped__")
+
+
+# --- one BOS ------------------------------------------------------------------------------------------
+
+
+def _bos_trainer(name, zoo_cache, tmp_path, *, legacy=True, text=None, **kwargs):
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir(name, zoo_cache)), load_in_4bit=False,
+                                                         max_seq_length=96)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    chats = demo_conversations(4, seed=5)
+    texts = text or [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    dataset = Dataset.from_dict({"text": texts})
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", dataset_text_field="text",
+                           max_length=96, **kwargs)
+    if legacy:
+        trainer = trl.SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=dataset, eval_dataset=dataset,
+                                 args=config)
+    else:
+        trainer = trl.SFTTrainer(model, config, train_dataset=dataset, eval_dataset={"a": dataset},
+                                 processing_class=tokenizer)
+    return trainer, tokenizer, chats, dataset
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-call", "trl-call"])
+def test_chat_template_texts_train_with_one_bos(name, legacy, zoo_cache, tmp_path, caplog, shim):
+    """Llama 3 and SentencePiece-style templates render BOS into the text and their tokenizers add
+    one: the trainer's examples start with one, tokenised as apply_chat_template(tokenize=True)."""
+    import logging
+
+    handoff._log_bos_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="unsloth_like.trainer"):
+        trainer, tokenizer, chats, dataset = _bos_trainer(name, zoo_cache, tmp_path, legacy=legacy)
+    bos = tokenizer.bos_token_id
+    evaluation = trainer.eval_dataset if legacy else trainer.eval_dataset["a"]
+    for prepared in (trainer.train_dataset, evaluation):
+        for ids, chat in zip(prepared["input_ids"], chats):
+            assert ids[0] == bos and ids[1] != bos
+            intended = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"][:96]
+            assert ids[:len(intended)] == intended
+    assert tokenizer.decode(trainer.train_dataset[0]["input_ids"]).count(tokenizer.bos_token) == 1
+    assert dataset[0]["text"].startswith(tokenizer.bos_token)  # the user's dataset is left as it was
+    said = [r for r in caplog.records if "the text's copy is removed" in r.getMessage()]
+    assert len(said) == 1  # once, for the train and eval datasets together
+
+
+def test_trl_alone_would_train_on_two_bos(zoo_cache, tmp_path):
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    dataset = Dataset.from_dict({"text": [tokenizer.apply_chat_template(demo_conversations(1)[0], tokenize=False)]})
+    config = trl.SFTConfig(output_dir=str(tmp_path), dataset_text_field="text", report_to="none", max_length=96)
+    uninstall_legacy_sft_keywords()
+    try:
+        trainer = trl.SFTTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
+    finally:
+        install_legacy_sft_keywords()
+    assert trainer.train_dataset[0]["input_ids"][:2] == [tokenizer.bos_token_id] * 2
+
+
+def test_texts_without_bos_and_tokenizers_without_bos_are_untouched(zoo_cache, tmp_path):
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    _, llama = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    _, qwen = FastLanguageModel.from_pretrained(str(zoo_model_dir("qwen2", zoo_cache)), load_in_4bit=False)
+    config = trl.SFTConfig(output_dir=str(tmp_path), dataset_text_field="text", report_to="none")
+    alpaca = Dataset.from_dict({"text": ["### Instruction:\nAdd 2 and 3.\n\n### Response:\n5"]})  # no BOS in it
+    assert handoff.without_duplicate_bos({"processing_class": llama, "train_dataset": alpaca, "args": config}) == {}
+    chat = Dataset.from_dict({"text": [qwen.apply_chat_template(demo_conversations(1)[0], tokenize=False)]})
+    assert handoff.without_duplicate_bos({"processing_class": qwen, "train_dataset": chat, "args": config}) == {}
+    conversational = Dataset.from_dict({"messages": [demo_conversations(1)[0]]})
+    assert handoff.without_duplicate_bos({"processing_class": llama, "train_dataset": conversational,
+                                          "args": config}) == {}
+
+
+def test_formatting_func_output_loses_its_duplicate_bos(zoo_cache, tmp_path):
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    _, tokenizer = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    chats = Dataset.from_dict({"messages": demo_conversations(2, seed=3)})
+
+    def formatting(example):
+        return tokenizer.apply_chat_template(example["messages"], tokenize=False)
+
+    config = trl.SFTConfig(output_dir=str(tmp_path), report_to="none")
+    updates = handoff.without_duplicate_bos({"processing_class": tokenizer, "train_dataset": chats,
+                                             "formatting_func": formatting, "args": config})
+    assert set(updates) == {"formatting_func"}
+    text = updates["formatting_func"](chats[0])
+    assert not text.startswith(tokenizer.bos_token) and tokenizer(text)["input_ids"] == \
+        tokenizer.apply_chat_template(chats[0]["messages"], tokenize=True, return_dict=True)["input_ids"]

@@ -16,6 +16,16 @@ A legacy keyword that contradicts an explicit config value (``max_seq_length=204
 ``SFTConfig(max_length=512)``) raises instead of picking one; keywords TRL removed without a
 replacement (``num_of_sequences``, ``chars_per_token``, ``dataset_batch_size``) raise too.
 
+**One BOS.** Chat templates such as Llama 3's render ``bos_token`` into the text, and TRL then
+tokenizes a text dataset with the tokenizer's special tokens, so every example would start with
+two BOS tokens. The same ``SFTTrainer.__init__`` wrapper looks at the first example of the train
+and eval datasets (or at ``formatting_func``'s output for it): when the text starts with the BOS
+token, the tokenizer adds BOS itself, and dropping the text's copy tokenizes exactly as the text
+without special tokens would, it hands TRL the dataset with that leading BOS removed (a ``map``;
+the user's dataset is not modified) and says so once in the log. Conversational datasets (TRL
+renders and tokenizes them without adding special tokens), tokenizers that add no BOS (Qwen)
+and texts without it go to TRL untouched.
+
 **Precision default.** TRL's configs (``SFTConfig``, ``DPOConfig``, ``GRPOConfig``, ... all
 derive from ``trl.trainer.base_config._BaseConfig``) default to ``bf16=True`` when the user sets
 neither ``bf16`` nor ``fp16``, and transformers then refuses the config on every machine without
@@ -74,13 +84,21 @@ def install_legacy_sft_keywords() -> bool:
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        if LEGACY_KEYWORDS.isdisjoint(kwargs):
-            return original(self, *args, **kwargs)
         legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in LEGACY_KEYWORDS}
-        bound = signature.bind_partial(self, *args, **kwargs)
+        try:
+            bound = signature.bind_partial(self, *args, **kwargs)
+        except TypeError:
+            if legacy:
+                raise
+            return original(self, *args, **kwargs)  # a call TRL refuses: its own error
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(signature.parameters)))  # self
-        arguments.update(translate_legacy_sft_keywords(arguments, legacy))
+        if legacy:
+            arguments.update(translate_legacy_sft_keywords(arguments, legacy))
+        updates = without_duplicate_bos(arguments)
+        if not legacy and not updates:
+            return original(self, *args, **kwargs)  # nothing to do: TRL gets the call as it was made
+        arguments.update(updates)
         return original(self, **arguments)
 
     setattr(__init__, _SHIM_MARK, True)
@@ -158,6 +176,93 @@ def uninstall_legacy_sft_keywords() -> None:
     init = trl.SFTTrainer.__init__
     if getattr(init, _SHIM_MARK, False):
         trl.SFTTrainer.__init__ = init.__wrapped__
+
+
+def without_duplicate_bos(arguments: dict) -> dict:
+    """The ``train_dataset`` / ``eval_dataset`` / ``formatting_func`` to give TRL instead, so that
+    no example starts with two BOS tokens (see the module docstring); empty when nothing needs it."""
+    tokenizer = arguments.get("processing_class")
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not callable(tokenizer) or not _tokenizer_adds_bos(tokenizer):
+        return {}
+    field = getattr(arguments.get("args"), "dataset_text_field", None) or "text"
+    formatting = arguments.get("formatting_func")
+    parts = {}  # (argument name, key in a dict of eval datasets or None) -> dataset
+    for name in ("train_dataset", "eval_dataset"):
+        dataset = arguments.get(name)
+        if isinstance(dataset, dict):
+            parts.update({(name, key): part for key, part in dataset.items()})
+        elif dataset is not None:
+            parts[(name, None)] = dataset
+    needing = {where for where, dataset in parts.items() if _needs_bos_removed(dataset, tokenizer, field, formatting)}
+    if not needing:
+        return {}
+    _log_bos_once(bos)
+    if formatting is not None:  # TRL formats every example with it: the texts come out of the wrapper
+        return {"formatting_func": functools.partial(_format_without_bos, formatting, bos)}
+    updates = {}
+    for (name, key), dataset in parts.items():
+        if (name, key) in needing:
+            dataset = dataset.map(_strip_text_bos, fn_kwargs={"bos": bos, "field": field})
+        if key is None:
+            updates[name] = dataset
+        else:
+            updates.setdefault(name, {})[key] = dataset
+    return updates
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # not a text tokenizer (a processor wants other inputs): nothing to do
+        return False
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _first_text(dataset, field: str, formatting):
+    """The first example's training text, or None for conversational / pre-tokenised / empty data."""
+    if "input_ids" in (getattr(dataset, "column_names", None) or []):
+        return None
+    try:
+        example = next(iter(dataset))
+    except (StopIteration, TypeError):
+        return None
+    if not isinstance(example, dict):
+        return None
+    text = formatting(example) if formatting is not None else example.get(field)
+    return text if isinstance(text, str) else None
+
+
+def _needs_bos_removed(dataset, tokenizer, field: str, formatting) -> bool:
+    """The first example's text starts with BOS (which the tokenizer adds again), and removing the
+    text's copy tokenizes as the text does without special tokens."""
+    bos = tokenizer.bos_token
+    text = _first_text(dataset, field, formatting)
+    if text is None or not text.startswith(bos):
+        return False
+    if tokenizer(text[len(bos):])["input_ids"] != tokenizer(text, add_special_tokens=False)["input_ids"]:
+        logger.warning("Examples start with the BOS token %r and the tokenizer adds another, but removing the "
+                       "text's copy would change its tokenization; left as it is (render the text without BOS).", bos)
+        return False
+    return True
+
+
+def _strip_text_bos(example: dict, bos: str, field: str) -> dict:
+    text = example.get(field)
+    if isinstance(text, str) and text.startswith(bos):
+        example[field] = text[len(bos):]
+    return example
+
+
+def _format_without_bos(formatting, bos: str, example):
+    text = formatting(example)
+    return text[len(bos):] if isinstance(text, str) and text.startswith(bos) else text
+
+
+@functools.cache
+def _log_bos_once(bos: str) -> None:
+    logger.warning("The training texts start with %r and the tokenizer adds it too: the text's copy is removed, "
+                   "so each example starts with one BOS (as apply_chat_template(tokenize=True) gives).", bos)
 
 
 def translate_legacy_sft_keywords(arguments: dict, legacy: dict) -> dict:
