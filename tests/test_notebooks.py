@@ -43,4 +43,17 @@ def test_notebook_runs(path, tmp_path, zoo_cache, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "loss " in text and "->" in text
-    assert (tmp_path / "outputs" / "quickstart" / "adapter" / "adapter_model.safetensors").is_file()
+    for name in EXPECTED_FILES[path.stem]:
+        assert (tmp_path / name).is_file(), name
+
+
+# What each notebook leaves behind (relative to its working directory).
+EXPECTED_FILES = {
+    "quickstart": ["outputs/quickstart/adapter/adapter_model.safetensors"],
+    "conversational": ["outputs/llama_lora/adapter_model.safetensors", "outputs/merged/model.safetensors",
+                       "outputs/gguf/gguf.Q4_K_M.gguf", "outputs/gguf/Modelfile"],
+}
+
+
+def test_every_notebook_says_what_it_leaves_behind():
+    assert {path.stem for path in NOTEBOOKS} == set(EXPECTED_FILES)
