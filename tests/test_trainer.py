@@ -321,6 +321,12 @@ def test_texts_without_bos_and_tokenizers_without_bos_are_untouched(zoo_cache, t
     conversational = Dataset.from_dict({"messages": [demo_conversations(1)[0]]})
     assert handoff.without_duplicate_bos({"processing_class": llama, "train_dataset": conversational,
                                           "args": config}) == {}
+    rendered = Dataset.from_dict({"text": [llama.apply_chat_template(demo_conversations(1)[0], tokenize=False)]})
+    assert handoff.without_duplicate_bos({"processing_class": llama, "train_dataset": rendered, "args": config})
+    unprepared = trl.SFTConfig(output_dir=str(tmp_path), dataset_text_field="text", report_to="none",
+                               dataset_kwargs={"skip_prepare_dataset": True})  # TRL will not tokenize the texts
+    assert handoff.without_duplicate_bos({"processing_class": llama, "train_dataset": rendered,
+                                          "args": unprepared}) == {}
 
 
 def test_formatting_func_output_loses_its_duplicate_bos(zoo_cache, tmp_path):

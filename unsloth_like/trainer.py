@@ -185,7 +185,10 @@ def without_duplicate_bos(arguments: dict) -> dict:
     bos = getattr(tokenizer, "bos_token", None)
     if not bos or not callable(tokenizer) or not _tokenizer_adds_bos(tokenizer):
         return {}
-    field = getattr(arguments.get("args"), "dataset_text_field", None) or "text"
+    config = arguments.get("args")
+    if (getattr(config, "dataset_kwargs", None) or {}).get("skip_prepare_dataset", False):
+        return {}  # TRL does not tokenize these texts; whoever does decides about special tokens
+    field = getattr(config, "dataset_text_field", None) or "text"
     formatting = arguments.get("formatting_func")
     parts = {}  # (argument name, key in a dict of eval datasets or None) -> dataset
     for name in ("train_dataset", "eval_dataset"):
