@@ -7,10 +7,11 @@ args=SFTConfig(…) or TrainingArguments(…))``. TRL ≥ 1.0 moved those keywor
 (``max_seq_length`` became ``max_length``, ``tokenizer`` became ``processing_class``) and rejects
 them. ``install_legacy_sft_keywords()`` wraps ``trl.SFTTrainer.__init__`` once, in place: a call
 *without* legacy keywords goes straight to TRL's own ``__init__`` with its arguments untouched;
-a call with them gets them moved onto (a copy of) the config, then goes to TRL. This and the
-precision default below are the process-wide changes the project makes to library classes (the
-TRL hand-off DESIGN.md allows), each inert for code that does not need it. It is installed by ``FastLanguageModel.from_pretrained`` (the first line
-of every notebook), never by ``import unsloth_like``.
+a call with them gets them moved onto (a copy of) the config, then goes to TRL. It is installed by
+``FastLanguageModel.from_pretrained`` (the first line of every notebook), never by ``import
+unsloth_like``. This wrapper (with the one-BOS check below) and the precision default are the
+process-wide changes the project makes to library classes (the TRL hand-off DESIGN.md allows),
+each inert for calls that do not need it.
 
 A legacy keyword that contradicts an explicit config value (``max_seq_length=2048`` with
 ``SFTConfig(max_length=512)``) raises instead of picking one; keywords TRL removed without a
