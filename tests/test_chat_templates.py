@@ -609,3 +609,107 @@ def test_trl_assistant_only_loss_trains_on_the_replies_only(zoo_cache):
     row = trainer.train_dataset[0]
     trained = [i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert tokenizer.decode(trained) == "Hello there.<|im_end|>4<|im_end|>"
+
+
+# --- {INPUT}/{OUTPUT} prompt templates ---------------------------------------------------------------
+
+from unsloth_like.chat_templates import prompt_template_spec  # noqa: E402
+
+from .prompt_templates import PROMPT_TEMPLATES  # noqa: E402
+
+TWO_TURNS = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"},
+             {"role": "user", "content": "And 4?"}, {"role": "assistant", "content": "9"}]
+
+
+def _prompt_tokenizer(zoo_cache, prompt, **kwargs):
+    from transformers import AutoTokenizer
+
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    return get_chat_template(AutoTokenizer.from_pretrained(zoo_model_dir("llama", zoo_cache)), prompt, **kwargs)
+
+
+def test_the_ollama_notebooks_prompt_renders_like_the_alpaca_record(zoo_cache):
+    """Unsloth's Alpaca-style prompt is the alpaca format: the same text for every conversation."""
+    tokenizer = _prompt_tokenizer(zoo_cache, PROMPT_TEMPLATES["alpaca"])
+    alpaca = CHAT_TEMPLATES["alpaca"].jinja
+    for messages in (TWO_TURNS, TWO_TURNS[:1], [{"role": "system", "content": "Be terse."}, *TWO_TURNS]):
+        for prompt in (False, True):
+            if prompt and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+            assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == \
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt,
+                                              chat_template=alpaca)
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_TEMPLATES))
+def test_a_prompt_repeats_its_exchange_per_turn_with_eos_after_each_reply(name, zoo_cache):
+    prompt = PROMPT_TEMPLATES[name]
+    tokenizer = _prompt_tokenizer(zoo_cache, prompt)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    system = [{"role": "system", "content": "SYS"}] if "{SYSTEM}" in prompt else []
+    text = tokenizer.apply_chat_template([*system, *TWO_TURNS], tokenize=False)
+    one = prompt.replace("<|begin_of_text|>", "").replace("{SYSTEM}", "SYS")
+    first = one.replace("{INPUT}", "Add 2 and 3.").replace("{OUTPUT}", "5")
+    assert text.startswith(bos) and text.count(bos) == 1
+    assert text.count(eos) == 2 and text.count("Add 2 and 3.") == 1 and text.count("And 4?") == 1
+    # the first exchange is the prompt filled in, with EOS after the reply
+    reply_end = first.index("5") + 1
+    assert text[len(bos):].startswith(first[:reply_end] + eos + first[reply_end:])
+    # the second turn repeats the user prefix and the middle of the prompt
+    user_prefix = one[:one.index("{INPUT}")].split("SYS")[-1].lstrip("\n").split("\n\n")[-1]
+    middle = one[one.index("{INPUT}") + 7:one.index("{OUTPUT}")]
+    assert user_prefix + "And 4?" + middle + "9" + eos in text
+    generation = tokenizer.apply_chat_template([*system, *TWO_TURNS[:3]], tokenize=False, add_generation_prompt=True)
+    assert generation.endswith("And 4?" + middle)
+
+
+def test_prompt_templates_set_ollama_modelfile_and_survive_save_and_reload(zoo_cache, tmp_path):
+    from transformers import AutoTokenizer
+
+    from unsloth_like.chat_templates import chat_template_spec
+
+    tokenizer = _prompt_tokenizer(zoo_cache, PROMPT_TEMPLATES["alpaca"])
+    modelfile = tokenizer._ollama_modelfile
+    assert modelfile.startswith("FROM {__FILE_LOCATION__}\nTEMPLATE \"\"\"")
+    assert 'PARAMETER stop "### Instruction:"' in modelfile and "SYSTEM \"Below are some instructions" in modelfile
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    spec = chat_template_spec(reloaded)
+    assert spec.name == "prompt" and spec.prompt == PROMPT_TEMPLATES["alpaca"]
+    assert spec == chat_template_spec(tokenizer)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("### Instruction:\n{}\n\n### Response:\n{}", "it takes {INPUT}"),
+    ("{instruction}\n{INPUT}\n{OUTPUT}", r"The prompt template has \{instruction\}"),
+    ("{INPUT} then {INPUT} then {OUTPUT}", "INPUT x2"),
+    ("{OUTPUT} before {INPUT}", "must put"),
+    ("{INPUT} {SYSTEM} {OUTPUT}", "must put"),
+    ("just {INPUT}", "OUTPUT x0"),
+], ids=["positional", "column-name", "twice", "order", "system-late", "no-output"])
+def test_bad_placeholders_are_one_clear_error(prompt, message, zoo_cache):
+    with pytest.raises(ValueError, match=message):
+        _prompt_tokenizer(zoo_cache, prompt)
+
+
+def test_apply_chat_template_with_a_prompt_as_the_ollama_notebook_calls_it(zoo_cache):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from unsloth_like.chat_templates import apply_chat_template, standardize_sharegpt, to_sharegpt
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo_model_dir("llama", zoo_cache))
+    rows = Dataset.from_dict({"instruction": ["Add 2 and 3.", "Name a colour.", "Say hi.", "Count to 3."],
+                              "input": ["", "", "politely", ""], "output": ["5", "Red.", "Hello!", "1, 2, 3"]})
+    dataset = to_sharegpt(rows, merged_prompt="{instruction}[[\nYour input is:\n{input}]]",
+                          output_column_name="output", conversation_extension=3)
+    dataset = standardize_sharegpt(dataset)
+    dataset = apply_chat_template(dataset, tokenizer=tokenizer, chat_template=PROMPT_TEMPLATES["alpaca"],
+                                  default_system_message="You are a calculator.")
+    text = dataset[0]["text"]
+    assert text.startswith("You are a calculator.\n\n### Instruction:\n")  # the text leaves BOS to the tokenizer
+    assert text.count("### Instruction:\n") == len(dataset[0]["conversations"]) // 2
+    assert text.count(tokenizer.eos_token) == len(dataset[0]["conversations"]) // 2
+    assert tokenizer._ollama_modelfile.startswith("FROM {__FILE_LOCATION__}")

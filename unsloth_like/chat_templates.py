@@ -100,6 +100,7 @@ class ChatTemplate:
     aliases: tuple[str, ...] = ()
     system_first_only: bool = False  # a system message is only accepted as the first message
     source: str = ""  # where the rendering comes from
+    prompt: str | None = None  # the {INPUT}/{OUTPUT} prompt a "prompt" template was built from
 
     @property
     def jinja(self) -> str:
@@ -358,13 +359,15 @@ _ZEPHYR_BODY = r"""
 
 
 def _prefixed_turns_body(system_end: str, user: tuple[str, str], assistant: tuple[str, str],
-                         prompt: str) -> str:
-    """Body of the single-line formats (Alpaca, Vicuna, Unsloth's): ``system + system_end``, then
-    ``prefix + content + suffix`` per turn, the reply followed by ``eos_token``."""
+                         prompt: str, system_start: str = "") -> str:
+    """Body of the single-line formats (Alpaca, Vicuna, Unsloth's, {INPUT}/{OUTPUT} prompts):
+    ``system_start + system + system_end``, then ``prefix + content + suffix`` per turn, the reply
+    followed by ``eos_token``."""
     return (
         "\n{{- bos_token }}\n"
         "{%- if messages and messages[0]['role'] == 'system' %}\n"
-        f"    {{{{- messages[0]['content'] + {_jinja_str(system_end)} }}}}\n"
+        f"    {{{{- {_jinja_str(system_start) + ' + ' if system_start else ''}messages[0]['content'] + "
+        f"{_jinja_str(system_end)} }}}}\n"
         "    {%- set loop_messages = messages[1:] %}\n"
         "{%- else %}\n"
         "    {%- set loop_messages = messages %}\n"
@@ -463,11 +466,11 @@ _ZEPHYR_OLLAMA = """{{- range .Messages }}<|{{ .Role }}|>
 
 
 def _prefixed_turns_ollama(system_end: str, user: tuple[str, str], assistant: tuple[str, str],
-                           prompt: str) -> str:
+                           prompt: str, system_start: str = "") -> str:
     """The Go template of ``_prefixed_turns_body`` with the same pieces."""
     return (
         "{{- range .Messages }}\n"
-        '{{- if eq .Role "system" }}{{ .Content }}' + system_end
+        '{{- if eq .Role "system" }}' + system_start + "{{ .Content }}" + system_end
         + '{{ else if eq .Role "user" }}' + user[0] + "{{ .Content }}" + user[1]
         + '{{ else if eq .Role "assistant" }}' + assistant[0] + "{{ .Content }}" + EOS_PLACEHOLDER + assistant[1]
         + "{{ end }}\n"
@@ -591,6 +594,8 @@ def build_jinja(spec: ChatTemplate, system_message: str | None = None,
     system_message = spec.default_system_message if system_message is None else system_message
     mapping = {**DEFAULT_MAPPING, **(mapping or {})}
     header = {"name": spec.name, "system_message": system_message, "stop_token": spec.stop_token}
+    if spec.prompt is not None:
+        header["prompt"] = spec.prompt
     if mapping != DEFAULT_MAPPING:
         header["mapping"] = mapping
     parts = [_header_comment(header), _tools_guard(spec.name)]
@@ -682,6 +687,95 @@ def without_generation_markers(template: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Prompt templates: Unsloth's {INPUT}/{OUTPUT}(/{SYSTEM}) strings.
+# --------------------------------------------------------------------------------------------
+
+PROMPT_TEMPLATE_NAME = "prompt"
+_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_]*)\}")
+_PLACEHOLDERS = ("SYSTEM", "INPUT", "OUTPUT")
+
+
+def is_prompt_template(text: str) -> bool:
+    """A string with placeholders in braces (template names have none)."""
+    return bool(_PLACEHOLDER_RE.search(text))
+
+
+def _check_placeholders(text: str) -> None:
+    found = _PLACEHOLDER_RE.findall(text)
+    unknown = sorted({name for name in found if name not in _PLACEHOLDERS})
+    if unknown:
+        shown = ", ".join("{" + name + "}" for name in unknown)
+        raise ValueError(f"The prompt template has {shown}; it takes {{INPUT}} (the user's message), {{OUTPUT}} "
+                         "(the reply) and optionally {SYSTEM}, each once, in that order "
+                         "(merge dataset columns into one message with to_sharegpt first).")
+    counts = {name: found.count(name) for name in _PLACEHOLDERS}
+    if counts["INPUT"] != 1 or counts["OUTPUT"] != 1 or counts["SYSTEM"] > 1:
+        raise ValueError(f"The prompt template must have {{INPUT}} and {{OUTPUT}} once each and {{SYSTEM}} at most "
+                         f"once; it has INPUT x{counts['INPUT']}, OUTPUT x{counts['OUTPUT']}, SYSTEM x{counts['SYSTEM']}.")
+    order = [name for name in found if name in _PLACEHOLDERS]
+    if order != [name for name in _PLACEHOLDERS if name in order]:
+        raise ValueError("The prompt template must put {SYSTEM} (if any) before {INPUT}, and {INPUT} before "
+                         f"{{OUTPUT}}; it has {', '.join('{' + n + '}' for n in order)}.")
+
+
+def prompt_template_spec(prompt: str, bos_token: str | None = None, eos_token: str | None = None) -> ChatTemplate:
+    """The chat format of an ``{INPUT}``/``{OUTPUT}`` prompt (Unsloth's custom templates), for any
+    number of turns.
+
+    The prompt is one exchange: ``[header][user prefix]{INPUT}[middle]{OUTPUT}[turn end]``. Each
+    turn renders ``user prefix + message + user suffix``, then ``reply prefix + reply + EOS + turn
+    end``, then the separator that precedes the next turn; ``add_generation_prompt`` adds the
+    reply prefix. The middle splits into the user suffix (the turn end when it starts with it,
+    else its leading newlines) and the reply prefix. Which text is the header and which the user
+    prefix: with ``{SYSTEM}``, the text before it opens the system block, which ends with the
+    turn end when the text after ``{SYSTEM}`` starts with it (Llama 3 style: turns then follow
+    each other directly) or else with its leading newlines (then also the separator between
+    turns); without ``{SYSTEM}``, text before the last blank line ahead of
+    ``{INPUT}`` is the default system message (Alpaca style; a conversation's own system message
+    replaces it) and the blank line separates turns. The template writes the tokenizer's
+    ``bos_token`` first and ``eos_token`` after every reply, so a prompt that starts with
+    ``bos_token`` or has ``eos_token`` right after ``{OUTPUT}`` does not get them twice.
+    """
+    _check_placeholders(prompt)
+    text = prompt[len(bos_token):] if bos_token and prompt.startswith(bos_token) else prompt
+    before_input, rest = text.split("{INPUT}")
+    middle, turn_end = rest.split("{OUTPUT}")
+    tail = turn_end[len(eos_token):] if eos_token and turn_end.startswith(eos_token) else turn_end
+    system_start, default_system = "", None
+    if "{SYSTEM}" in before_input:
+        system_start, after_system = before_input.split("{SYSTEM}")
+        if turn_end and after_system.startswith(turn_end):  # the system block ends as a turn does
+            system_end, user_prefix, separator = turn_end, after_system[len(turn_end):], ""
+        else:
+            user_prefix = after_system.lstrip("\n")
+            system_end = separator = after_system[:len(after_system) - len(user_prefix)]
+    else:
+        cut = before_input.rfind("\n\n")
+        if cut > 0 and before_input[:cut].strip():
+            default_system, user_prefix = before_input[:cut], before_input[cut + 2:]
+            system_end = separator = "\n\n"
+        else:
+            user_prefix = before_input
+            separator = middle[:len(middle) - len(middle.lstrip("\n"))]
+            system_end = separator
+    # The middle closes the user's turn (with the turn end, or a newline run) and opens the reply.
+    if turn_end and middle.startswith(turn_end):
+        user_suffix = turn_end
+    else:
+        user_suffix = middle[:len(middle) - len(middle.lstrip("\n"))]
+    assistant_prefix = middle[len(user_suffix):]
+    pieces = dict(system_end=system_end, user=(user_prefix, user_suffix), assistant=(assistant_prefix, tail + separator),
+                  prompt=assistant_prefix, system_start=system_start)
+    stops = tuple(dict.fromkeys(p.strip() for p in (user_prefix, assistant_prefix) if p.strip()))
+    return ChatTemplate(
+        name=PROMPT_TEMPLATE_NAME, body=_prefixed_turns_body(**pieces), stop_token=None, adds_bos=True,
+        default_system_message=default_system, ollama_template=_prefixed_turns_ollama(**pieces),
+        ollama_stop=(EOS_PLACEHOLDER, *stops), system_first_only=True,
+        source="a {INPUT}/{OUTPUT} prompt (Unsloth's custom chat templates)", prompt=prompt,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Looking templates up.
 # --------------------------------------------------------------------------------------------
 
@@ -696,6 +790,10 @@ def chat_template_spec(name_or_tokenizer: Any) -> ChatTemplate:
     if header is None:
         raise ValueError("This tokenizer's chat template was not set by get_chat_template; call "
                          "get_chat_template(tokenizer, 'name') first, or pass the template name.")
+    if header["name"] == PROMPT_TEMPLATE_NAME and "prompt" in header:
+        spec = prompt_template_spec(header["prompt"], getattr(name_or_tokenizer, "bos_token", None),
+                                    getattr(name_or_tokenizer, "eos_token", None))
+        return replace(spec, default_system_message=header["system_message"])
     if header["name"] not in CHAT_TEMPLATES:  # a custom (template, eos) pair
         return _custom_spec(template, header["stop_token"], header["system_message"])
     return replace(CHAT_TEMPLATES[header["name"]], default_system_message=header["system_message"])
@@ -733,7 +831,9 @@ def get_chat_template(
     map_eos_token: bool = True,
     system_message: str | None = None,
 ):
-    """Give ``tokenizer`` the chat template ``chat_template`` (a name, or ``(jinja, eos_token)``).
+    """Give ``tokenizer`` the chat template ``chat_template``: a name, a ``(jinja, eos_token)``
+    pair, or a prompt with ``{INPUT}``, ``{OUTPUT}`` and optionally ``{SYSTEM}`` (see
+    ``prompt_template_spec``; the tokenizer then also gets ``_ollama_modelfile``).
 
     ``mapping`` names the keys and role values of the dataset's messages (ShareGPT:
     ``{"role": "from", "content": "value", "user": "human", "assistant": "gpt"}``).
@@ -748,6 +848,9 @@ def get_chat_template(
     if isinstance(chat_template, (tuple, list)):
         spec = _custom_from_tuple(chat_template, system_message)
         template = _custom_jinja(spec, chat_template[0], system_message, mapping)
+    elif isinstance(chat_template, str) and is_prompt_template(chat_template):
+        spec = prompt_template_spec(chat_template, tokenizer.bos_token, tokenizer.eos_token)
+        template = build_jinja(spec, system_message, mapping)
     elif isinstance(chat_template, str):
         spec = _lookup(chat_template)
         template = build_jinja(spec, system_message, mapping)
@@ -757,7 +860,18 @@ def get_chat_template(
     if map_eos_token and spec.stop_token is not None:
         _map_eos_token(tokenizer, spec.stop_token)
     tokenizer.chat_template = template
+    if spec.prompt is not None:
+        _attach_ollama_modelfile(tokenizer)
     return tokenizer
+
+
+def _attach_ollama_modelfile(tokenizer) -> None:
+    """Unsloth's ``tokenizer._ollama_modelfile``: the Modelfile ``save_pretrained_gguf`` writes,
+    with ``{__FILE_LOCATION__}`` where the GGUF's path goes."""
+    from .save.ollama import build_modelfile
+
+    text = build_modelfile(tokenizer, "model.gguf")
+    tokenizer._ollama_modelfile = text.replace("FROM ./model.gguf", "FROM {__FILE_LOCATION__}", 1)
 
 
 def _check_mapping(mapping: dict[str, str] | None) -> dict[str, str]:

@@ -23,6 +23,8 @@ from unsloth_like.chat_templates import (
     without_generation_markers,
 )
 
+from ..prompt_templates import PROMPT_TEMPLATES  # noqa: E402
+
 RENDERER = Path(__file__).resolve().parents[2] / "build" / "llamacpp-jinja" / "render"
 pytestmark = pytest.mark.skipif(not RENDERER.exists(),
                                 reason="llama.cpp's Jinja renderer is not built: python scripts/build_llamacpp_jinja.py")
@@ -104,3 +106,14 @@ def test_refusals_raise_in_llama_cpp_too(fresh):
                                {"template": template, "context": unknown_role}])
     assert "renders text conversations only" in results[0]["error"]
     assert 'cannot render message 0 with role "ipython"' in results[1]["error"]
+
+
+@pytest.mark.parametrize("system_message", [None, "Talk like a pirate."], ids=["default-system", "own-system"])
+@pytest.mark.parametrize("name", sorted(PROMPT_TEMPLATES))
+def test_prompt_templates_render_in_llama_cpp_as_in_transformers(name, system_message, fresh):
+    """{INPUT}/{OUTPUT} prompts (Unsloth's custom templates) in llama.cpp's engine, as embedded in a GGUF."""
+    tokenizer = get_chat_template(fresh(), PROMPT_TEMPLATES[name], system_message=system_message)
+    template = inference_template(tokenizer.chat_template)
+    requests, expected = _requests(tokenizer, template)
+    for result, want, request in zip(llamacpp_render(requests), expected, requests):
+        assert result == {"text": want}, (request["context"]["messages"], request["context"]["add_generation_prompt"])

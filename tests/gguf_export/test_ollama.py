@@ -25,6 +25,8 @@ from unsloth_like.chat_templates import CHAT_TEMPLATES, build_jinja, get_chat_te
 from unsloth_like.save import ollama
 from unsloth_like.save.ollama import build_modelfile, ollama_template_for, write_modelfile
 
+from ..prompt_templates import PROMPT_TEMPLATES
+
 GO_SOURCE = Path(__file__).parent / "ollama_render" / "main.go"
 
 SYSTEM = {"role": "system", "content": "Be brief.\nNo markdown."}
@@ -363,3 +365,24 @@ def test_write_modelfile_leaves_nothing_when_the_write_fails(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_modelfile(tmp_path, "FROM ./m.gguf\n\ud800")  # a lone surrogate cannot be UTF-8
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ {INPUT}/{OUTPUT} prompts
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_TEMPLATES))
+def test_prompt_templates_render_the_same_in_go_and_jinja(name, load, ollama_render):
+    """A custom prompt (Unsloth's Ollama notebook): the Modelfile that get_chat_template attaches
+    (``tokenizer._ollama_modelfile``) and the one save_pretrained_gguf writes serve in Ollama
+    what the tokenizer renders, with its SYSTEM, for every conversation and both tokenizers."""
+    jobs, expected = [], []
+    for zoo_name in ZOO_TOKENIZERS:
+        tokenizer = get_chat_template(load(zoo_name), PROMPT_TEMPLATES[name])
+        attached = tokenizer._ollama_modelfile
+        written = build_modelfile(tokenizer, "model.gguf")
+        assert attached == written.replace("FROM ./model.gguf", "FROM {__FILE_LOCATION__}", 1)
+        assert modelfile_value(written, "TEMPLATE") is not None  # identified through its header
+        for messages in CONVERSATIONS.values():
+            jobs.append(go_job(modelfile_value(written, "TEMPLATE"), messages, modelfile_value(written, "SYSTEM")))
+            expected.append((jinja_prompt(tokenizer, messages, None, True), ""))
+    assert ollama_render(jobs) == expected

@@ -109,13 +109,14 @@ def _chat_template_text(tokenizer) -> str | None:
 
 
 def _header_record(tokenizer) -> ChatTemplate | None:
-    """The record named by ``get_chat_template``'s identity comment (custom templates have no
-    Ollama counterpart of their own, so they are identified by rendering like the others)."""
+    """The record named by ``get_chat_template``'s identity comment, or built from the
+    ``{INPUT}``/``{OUTPUT}`` prompt it records (custom Jinja templates have no Ollama counterpart
+    of their own, so they are identified by rendering like the others)."""
     try:
         spec = chat_template_spec(tokenizer)
     except ValueError:  # no identity comment
         return None
-    return spec if spec.name in CHAT_TEMPLATES else None
+    return spec if spec.name in CHAT_TEMPLATES or spec.prompt is not None else None
 
 
 def _outcome(tokenizer, messages, add_generation_prompt: bool, template: str | None) -> Any:
