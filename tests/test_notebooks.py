@@ -52,6 +52,7 @@ EXPECTED_FILES = {
     "quickstart": ["outputs/quickstart/adapter/adapter_model.safetensors"],
     "conversational": ["outputs/llama_lora/adapter_model.safetensors", "outputs/merged/model.safetensors",
                        "outputs/gguf/gguf.Q4_K_M.gguf", "outputs/gguf/Modelfile"],
+    "ollama": ["lora_model/adapter_model.safetensors", "model/model.Q8_0.gguf", "model/Modelfile"],
 }
 
 
