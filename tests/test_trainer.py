@@ -345,3 +345,21 @@ def test_formatting_func_output_loses_its_duplicate_bos(zoo_cache, tmp_path):
     text = updates["formatting_func"](chats[0])
     assert not text.startswith(tokenizer.bos_token) and tokenizer(text)["input_ids"] == \
         tokenizer.apply_chat_template(chats[0]["messages"], tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_fp16_chosen_for_a_gpu_without_bf16_refuses_a_bf16_model(precision_shim, tmp_path, monkeypatch):
+    """On a T4 the default is fp16 mixed precision; a bf16-loaded model cannot train under it, and
+    the error says what to load instead. (The config is built here as on that GPU, then checked.)"""
+    import torch
+
+    monkeypatch.setattr(handoff, "default_precision", lambda use_cpu=False: (False, False))
+    config = trl.SFTConfig(output_dir=str(tmp_path))
+    config.__dict__[handoff._CHOSEN_PRECISION] = (False, True)  # what a T4 gets
+    bf16_model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="load the model with dtype=None"):
+        handoff.check_chosen_precision(config, bf16_model)
+    handoff.check_chosen_precision(config, torch.nn.Linear(4, 4))  # fp32 / fp16 weights train fine
+    explicit = trl.SFTConfig(output_dir=str(tmp_path), bf16=False)
+    assert handoff._CHOSEN_PRECISION not in explicit.__dict__  # an explicit choice is the user's
+    handoff.check_chosen_precision(explicit, bf16_model)
+    assert handoff._CHOSEN_PRECISION not in config.to_dict()

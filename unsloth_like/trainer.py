@@ -35,7 +35,8 @@ bf16: any CPU, Colab's T4. Unsloth's notebooks set neither. ``install_precision_
 hardware does, as Unsloth does: bf16 on a CUDA GPU that has it (TRL's own choice), fp16 mixed
 precision on a CUDA GPU without it, full fp32 on the CPU (no CUDA, or ``use_cpu=True``); on other
 accelerators (XPU, MPS, ...) TRL's default stays. A config with either flag given goes to TRL's
-``__post_init__`` untouched. ``transformers.TrainingArguments`` defaults both flags to ``False``
+``__post_init__`` untouched. When fp16 was chosen (a GPU without bf16) and ``SFTTrainer`` gets a
+model with bfloat16 weights, the wrapper above refuses it, saying what to load instead. ``transformers.TrainingArguments`` defaults both flags to ``False``
 (fp32), which runs everywhere; it is left alone. Installed by ``from_pretrained`` with the
 legacy keywords; ``uninstall_precision_default()`` restores TRL's function.
 
@@ -96,6 +97,7 @@ def install_legacy_sft_keywords() -> bool:
         arguments.pop(next(iter(signature.parameters)))  # self
         if legacy:
             arguments.update(translate_legacy_sft_keywords(arguments, legacy))
+        check_chosen_precision(arguments.get("args"), arguments.get("model"))
         updates = without_duplicate_bos(arguments)
         if not legacy and not updates:
             return original(self, *args, **kwargs)  # nothing to do: TRL gets the call as it was made
@@ -146,12 +148,28 @@ def install_precision_default() -> bool:
             chosen = default_precision(use_cpu=bool(getattr(self, "use_cpu", False)))
             if chosen is not None:
                 self.bf16, self.fp16 = chosen
+                self.__dict__[_CHOSEN_PRECISION] = chosen  # not a field: to_dict() and TRL never see it
                 _log_precision_once(chosen)
         return original(self)
 
     setattr(__post_init__, _SHIM_MARK, True)
     _BaseConfig.__post_init__ = __post_init__
     return True
+
+
+_CHOSEN_PRECISION = "_unsloth_like_chosen_precision"
+
+
+def check_chosen_precision(config, model) -> None:
+    """A config whose fp16 this hand-off chose (a GPU without bf16) cannot train a model whose
+    weights are bfloat16: say what to load instead, before the trainer is built."""
+    import torch
+
+    if config is None or getattr(config, "__dict__", {}).get(_CHOSEN_PRECISION) != (False, True) or model is None:
+        return
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        raise ValueError("This GPU has no bf16, so training runs in fp16 mixed precision, but the model's weights "
+                         "are bfloat16; load the model with dtype=None (float16 on this GPU) or dtype=torch.float16.")
 
 
 @functools.cache
