@@ -713,3 +713,14 @@ def test_apply_chat_template_with_a_prompt_as_the_ollama_notebook_calls_it(zoo_c
     assert text.count("### Instruction:\n") == len(dataset[0]["conversations"]) // 2
     assert text.count(tokenizer.eos_token) == len(dataset[0]["conversations"]) // 2
     assert tokenizer._ollama_modelfile.startswith("FROM {__FILE_LOCATION__}")
+
+
+def test_a_prompt_ollama_cannot_hold_still_trains_and_says_so(zoo_cache, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="unsloth_like"):
+        tokenizer = _prompt_tokenizer(zoo_cache, 'Q: """{INPUT}"""\nA: {OUTPUT}')
+    assert tokenizer._ollama_modelfile is None
+    assert any("No Ollama Modelfile" in r.getMessage() for r in caplog.records)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True).endswith('Q: """hi"""\nA: ')

@@ -870,7 +870,12 @@ def _attach_ollama_modelfile(tokenizer) -> None:
     with ``{__FILE_LOCATION__}`` where the GGUF's path goes."""
     from .save.ollama import build_modelfile
 
-    text = build_modelfile(tokenizer, "model.gguf")
+    try:
+        text = build_modelfile(tokenizer, "model.gguf")
+    except ValueError as error:  # e.g. text Ollama's Modelfile syntax cannot hold: training still works
+        logger.warning("No Ollama Modelfile for this prompt template: %s", error)
+        tokenizer._ollama_modelfile = None
+        return
     tokenizer._ollama_modelfile = text.replace("FROM ./model.gguf", "FROM {__FILE_LOCATION__}", 1)
 
 
