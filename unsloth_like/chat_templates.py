@@ -1156,7 +1156,7 @@ def apply_chat_template(
         raise ValueError("The tokenizer has no chat template; pass chat_template='llama-3' (or another "
                          "name) or call get_chat_template first.")
     column = _conversation_column(dataset, column)
-    bos = _bos_added_on_encode(tokenizer)
+    bos = bos_added_on_encode(tokenizer)
 
     def render(batch, indices):
         return {output_column: [_render(tokenizer, convo, row, column, default_system_message, bos)
@@ -1175,12 +1175,16 @@ def _render(tokenizer, convo, row: int, column: str, system_message: str | None,
     return text[len(bos):] if bos and text.startswith(bos) else text
 
 
-def _bos_added_on_encode(tokenizer) -> str | None:
-    """The BOS token when encoding plain text already adds it, else None."""
+def bos_added_on_encode(tokenizer) -> str | None:
+    """The BOS token when encoding plain text already adds it, else None (also None for a
+    processor that cannot encode plain text)."""
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None:
         return None
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # a processor wants other inputs: it adds no BOS to our texts
+        return None
     return tokenizer.bos_token if ids and ids[0] == bos_id else None
 
 

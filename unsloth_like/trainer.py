@@ -36,9 +36,10 @@ hardware does, as Unsloth does: bf16 on a CUDA GPU that has it (TRL's own choice
 precision on a CUDA GPU without it, full fp32 on the CPU (no CUDA, or ``use_cpu=True``); on other
 accelerators (XPU, MPS, ...) TRL's default stays. A config with either flag given goes to TRL's
 ``__post_init__`` untouched. When fp16 was chosen (a GPU without bf16) and ``SFTTrainer`` gets a
-model with bfloat16 weights, the wrapper above refuses it, saying what to load instead. ``transformers.TrainingArguments`` defaults both flags to ``False``
-(fp32), which runs everywhere; it is left alone. Installed by ``from_pretrained`` with the
-legacy keywords; ``uninstall_precision_default()`` restores TRL's function.
+model with bfloat16 weights, the wrapper above refuses it, saying what to load instead.
+``transformers.TrainingArguments`` defaults both flags to ``False`` (fp32), which runs
+everywhere; it is left alone. Installed by ``from_pretrained`` with the legacy keywords;
+``uninstall_precision_default()`` restores TRL's function.
 
 **UnslothTrainer** / **UnslothTrainingArguments(embedding_learning_rate=…)**: an ``SFTTrainer``
 whose optimizer puts the trainable embedding and lm_head weights (``modules_to_save`` copies,
@@ -200,9 +201,11 @@ def uninstall_legacy_sft_keywords() -> None:
 def without_duplicate_bos(arguments: dict) -> dict:
     """The ``train_dataset`` / ``eval_dataset`` / ``formatting_func`` to give TRL instead, so that
     no example starts with two BOS tokens (see the module docstring); empty when nothing needs it."""
+    from .chat_templates import bos_added_on_encode
+
     tokenizer = arguments.get("processing_class")
-    bos = getattr(tokenizer, "bos_token", None)
-    if not bos or not callable(tokenizer) or not _tokenizer_adds_bos(tokenizer):
+    bos = bos_added_on_encode(tokenizer) if callable(tokenizer) else None
+    if not bos:
         return {}
     config = arguments.get("args")
     if (getattr(config, "dataset_kwargs", None) or {}).get("skip_prepare_dataset", False):
@@ -231,14 +234,6 @@ def without_duplicate_bos(arguments: dict) -> dict:
         else:
             updates.setdefault(name, {})[key] = dataset
     return updates
-
-
-def _tokenizer_adds_bos(tokenizer) -> bool:
-    try:
-        ids = tokenizer("a")["input_ids"]
-    except Exception:  # not a text tokenizer (a processor wants other inputs): nothing to do
-        return False
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def _first_text(dataset, field: str, formatting):

@@ -6,9 +6,10 @@ and whose rows are not a multiple of its blocksize gets an instance ``forward`` 
 inputs, computes what bitsandbytes' forward computes (input cast to the compute dtype,
 dequantised weight in that dtype, output cast back) with our NF4 dequantisation, through
 ``kernels.lora``'s autograd (the weight is dequantised again in backward, never saved, as
-bitsandbytes does). Inputs on other devices go to the class's forward unchanged. PEFT's LoRA layers call their base layer's ``forward``, so
-unfused PEFT paths, unpatched architectures and ``FastModel`` loads are covered too; our fused
-QLoRA path never calls bitsandbytes' dequantisation in the first place.
+bitsandbytes does). Inputs on other devices go to the class's forward unchanged. PEFT's LoRA
+layers call their base layer's ``forward``, so unfused PEFT paths, unpatched architectures and
+``FastModel`` loads are covered too; our fused QLoRA path never calls bitsandbytes'
+dequantisation in the first place.
 
 This skips one bitsandbytes side effect on those layers: its CPU inference repacking
 (``packing_format_for_cpu`` on the first no-grad forward), which cannot represent such rows anyway.
@@ -29,7 +30,7 @@ from torch import nn
 from ..host import DequantizeProbe, bitsandbytes_cpu_probe
 from ..kernels.lora import Projection, lora_linear
 from ..kernels.quant import dequantize_nf4
-from .patching import _bind, _root
+from .patching import _bind, _root, _unbind
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,7 @@ def guard_4bit_layers(model: nn.Module, probe: DequantizeProbe | None = None) ->
 
 def unguard_4bit_layers(model: nn.Module) -> None:
     """Give the guarded layers their bitsandbytes forward back."""
-    root = _root(model)
-    for _, (module, attribute, previous) in reversed(root.__dict__.pop(_GUARD_ATTR, [])):
-        if previous is None:
-            del module.__dict__[attribute]
-        else:
-            setattr(module, attribute, previous)
+    _unbind([record for _, record in _root(model).__dict__.pop(_GUARD_ATTR, [])])
 
 
 def _guarded_forward(self, x, *args, **kwargs):

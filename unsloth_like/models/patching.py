@@ -67,11 +67,7 @@ def patch_model(model: nn.Module) -> PatchSpec | None:
 def unpatch(model: nn.Module) -> None:
     """Restore the upstream forwards of every module ``patch_model`` touched."""
     root = _root(model)
-    for module, attribute, previous in reversed(getattr(root, _PATCHED_ATTR, None) or []):
-        if previous is None:
-            del module.__dict__[attribute]
-        else:
-            setattr(module, attribute, previous)
+    _unbind(getattr(root, _PATCHED_ATTR, None) or [])
     if _PATCHED_ATTR in root.__dict__:
         del root.__dict__[_PATCHED_ATTR]
     detach_fusion_log(root)
@@ -109,6 +105,15 @@ def _bind(module: nn.Module, function, records: list) -> None:
     attribute = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
     records.append((module, attribute, module.__dict__.get(attribute)))
     setattr(module, attribute, types.MethodType(function, module))
+
+
+def _unbind(records: list) -> None:
+    """Undo ``_bind`` calls, newest first: each attribute gets back what it had (or is removed)."""
+    for module, attribute, previous in reversed(records):
+        if previous is None:
+            del module.__dict__[attribute]
+        else:
+            setattr(module, attribute, previous)
 
 
 def _root(model: nn.Module) -> nn.Module:
