@@ -45,7 +45,14 @@ _PROBE = ("\u2063UNSLOTHLIKEUSER1\u2063", "\u2063UNSLOTHLIKEREPLY1\u2063", "\u20
 
 def train_on_responses_only(trainer, instruction_part: str | None = None, response_part: str | None = None,
                             last_response_only: bool = False, drop_fully_masked: bool = False):
-    """Mask everything but the assistant replies in ``trainer``'s datasets; returns ``trainer``."""
+    """Mask everything but the assistant replies in ``trainer``'s datasets; returns ``trainer``.
+
+    A trainer collating with ``UnslothVisionDataCollator`` (whose datasets hold conversations, not
+    tokens) gets the masking switched on in its collator instead."""
+    set_responses_only = getattr(getattr(trainer, "data_collator", None), "set_responses_only", None)
+    if set_responses_only is not None:
+        set_responses_only(instruction_part, response_part, last_response_only)
+        return trainer
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     if (instruction_part is None) != (response_part is None):
         raise ValueError("Give both instruction_part and response_part, or neither (to derive them from the "
@@ -107,6 +114,12 @@ def _without_prefix(text: str, prefix: str) -> str:
     if prefix and text.startswith(prefix) and text[len(prefix):].strip():
         return text[len(prefix):].lstrip("\n")
     return text
+
+
+def response_masker(tokenizer, instruction_part: str, response_part: str, last_response_only: bool = False):
+    """An object whose ``labels(input_ids)`` keeps the replies of one token sequence (marker search)
+    and puts ``IGNORE_INDEX`` everywhere else."""
+    return _MarkerMasker(tokenizer, instruction_part, response_part, last_response_only)
 
 
 class _MarkerMasker:

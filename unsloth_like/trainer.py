@@ -16,6 +16,8 @@ each inert for calls that do not need it.
 A legacy keyword that contradicts an explicit config value (``max_seq_length=2048`` with
 ``SFTConfig(max_length=512)``) raises instead of picking one; keywords TRL removed without a
 replacement (``num_of_sequences``, ``chars_per_token``, ``dataset_batch_size``) raise too.
+``SFTConfig(max_seq_length=N)`` itself (Unsloth's vision notebooks and tests write it) is taken as
+``max_length=N`` by a wrapper of ``SFTConfig.__init__`` installed alongside.
 
 **One BOS.** Chat templates such as Llama 3's render ``bos_token`` into the text, and TRL then
 tokenizes a text dataset with the tokenizer's special tokens, so every example would start with
@@ -41,6 +43,14 @@ model with bfloat16 weights, the wrapper above refuses it, saying what to load i
 everywhere; it is left alone. Installed by ``from_pretrained`` with the legacy keywords;
 ``uninstall_precision_default()`` restores TRL's function.
 
+**Vision collator.** With ``data_collator=UnslothVisionDataCollator(...)`` the same wrapper gives
+TRL a copy of the config with ``remove_unused_columns=False``, ``dataset_text_field=""`` and
+``dataset_kwargs={"skip_prepare_dataset": True}``: the collator turns raw conversations and
+images into batches, so TRL must neither tokenize the dataset nor drop its columns. The vision
+notebooks set all three by hand; forgetting one fails in ways far from the cause. They also pass
+a Python list of conversations as ``train_dataset``, which TRL refuses: it gets a dataset of row
+numbers instead, which a copy of the collator resolves against the list.
+
 **UnslothTrainer** / **UnslothTrainingArguments(embedding_learning_rate=…)**: an ``SFTTrainer``
 whose optimizer puts the trainable embedding and lm_head weights (``modules_to_save`` copies,
 trainable-token deltas, or the weights themselves in full finetuning) in their own parameter
@@ -54,6 +64,8 @@ import dataclasses
 import functools
 import inspect
 import logging
+
+from .vision_collator import UnslothVisionDataCollator  # noqa: F401  (Unsloth's import path: unsloth.trainer)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +111,9 @@ def install_legacy_sft_keywords() -> bool:
         if legacy:
             arguments.update(translate_legacy_sft_keywords(arguments, legacy))
         check_chosen_precision(arguments.get("args"), arguments.get("model"))
-        updates = without_duplicate_bos(arguments)
+        updates = vision_collator_settings(arguments)
+        arguments.update(updates)
+        updates.update(without_duplicate_bos(arguments))
         if not legacy and not updates:
             return original(self, *args, **kwargs)  # nothing to do: TRL gets the call as it was made
         arguments.update(updates)
@@ -107,7 +121,29 @@ def install_legacy_sft_keywords() -> bool:
 
     setattr(__init__, _SHIM_MARK, True)
     trainer_class.__init__ = __init__
+    _install_config_max_seq_length(trl.SFTConfig)
     return True
+
+
+def _install_config_max_seq_length(config_class) -> None:
+    """``SFTConfig(max_seq_length=N)`` (TRL < 1.0, Unsloth's vision notebooks and tests) as
+    ``SFTConfig(max_length=N)``; calls without it reach TRL's ``__init__`` untouched."""
+    if getattr(config_class.__init__, _SHIM_MARK, False):
+        return
+    original = config_class.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        if "max_seq_length" in kwargs:
+            value = kwargs.pop("max_seq_length")
+            if "max_length" in kwargs and kwargs["max_length"] != value:
+                raise ValueError(f"SFTConfig got max_seq_length={value!r} and max_length={kwargs['max_length']!r}; "
+                                 "give it once, as max_length=.")
+            kwargs["max_length"] = value
+        original(self, *args, **kwargs)
+
+    setattr(__init__, _SHIM_MARK, True)
+    config_class.__init__ = __init__
 
 
 def default_precision(use_cpu: bool = False) -> tuple[bool, bool] | None:
@@ -190,12 +226,60 @@ def uninstall_precision_default() -> None:
 
 
 def uninstall_legacy_sft_keywords() -> None:
-    """Restore TRL's own ``SFTTrainer.__init__``."""
+    """Restore TRL's own ``SFTTrainer.__init__`` and ``SFTConfig.__init__``."""
     import trl
 
-    init = trl.SFTTrainer.__init__
-    if getattr(init, _SHIM_MARK, False):
-        trl.SFTTrainer.__init__ = init.__wrapped__
+    for owner in (trl.SFTTrainer, trl.SFTConfig):
+        init = owner.__init__
+        if getattr(init, _SHIM_MARK, False):
+            owner.__init__ = init.__wrapped__
+
+
+# What TRL must be told when the collator builds batches from raw conversations itself.
+VISION_COLLATOR_SETTINGS = {"remove_unused_columns": False, "dataset_text_field": "",
+                            "dataset_kwargs": {"skip_prepare_dataset": True}}
+
+
+def vision_collator_settings(arguments: dict) -> dict:
+    """With ``UnslothVisionDataCollator`` as ``data_collator``: a copy of the config with
+    ``VISION_COLLATOR_SETTINGS`` (the notebooks set them by hand; forgetting one makes TRL drop the
+    ``messages`` column or tokenize the dataset itself). Packing and padding-free batches cannot
+    hold images and are refused. Empty for any other collator."""
+    if not isinstance(arguments.get("data_collator"), UnslothVisionDataCollator):
+        return {}
+    config = _as_sft_config(arguments.get("args"), arguments.get("model"))
+    for flag in ("packing", "padding_free"):
+        if getattr(config, flag, False):
+            raise ValueError(f"SFTConfig({flag}=True) cannot be used with UnslothVisionDataCollator: batches of "
+                             f"images and conversations are built by the collator; set {flag}=False.")
+    for name, value in VISION_COLLATOR_SETTINGS.items():
+        setattr(config, name, copy.deepcopy(value) if name != "dataset_kwargs"
+                else {**(config.dataset_kwargs or {}), **value})
+    return {"args": config, **_index_python_lists(arguments)}
+
+
+def _index_python_lists(arguments: dict) -> dict:
+    """Python lists as datasets: TRL takes only ``datasets`` objects, and the notebooks build their
+    training data as a list of conversations holding PIL images. Converting those to Arrow would
+    re-encode every image; instead TRL gets a dataset of row numbers and the collator (a copy of
+    the user's) looks each row up in the lists, so the images reach it as they were."""
+    rows: list = []
+    updates: dict = {}
+    for name in ("train_dataset", "eval_dataset"):
+        data = arguments.get(name)
+        parts = data if isinstance(data, dict) else {None: data}
+        for key, part in parts.items():
+            if not isinstance(part, (list, tuple)):
+                continue
+            indexed = UnslothVisionDataCollator.row_dataset(range(len(rows), len(rows) + len(part)))
+            rows.extend(part)
+            if key is None:
+                updates[name] = indexed
+            else:
+                updates.setdefault(name, dict(data))[key] = indexed
+    if rows:
+        updates["data_collator"] = arguments["data_collator"].with_rows(rows)
+    return updates
 
 
 def without_duplicate_bos(arguments: dict) -> dict:
@@ -203,13 +287,13 @@ def without_duplicate_bos(arguments: dict) -> dict:
     no example starts with two BOS tokens (see the module docstring); empty when nothing needs it."""
     from .chat_templates import bos_added_on_encode
 
+    config = arguments.get("args")
+    if (getattr(config, "dataset_kwargs", None) or {}).get("skip_prepare_dataset", False):
+        return {}  # TRL does not tokenize these texts; whoever does decides about special tokens
     tokenizer = arguments.get("processing_class")
     bos = bos_added_on_encode(tokenizer) if callable(tokenizer) else None
     if not bos:
         return {}
-    config = arguments.get("args")
-    if (getattr(config, "dataset_kwargs", None) or {}).get("skip_prepare_dataset", False):
-        return {}  # TRL does not tokenize these texts; whoever does decides about special tokens
     field = getattr(config, "dataset_text_field", None) or "text"
     formatting = arguments.get("formatting_func")
     parts = {}  # (argument name, key in a dict of eval datasets or None) -> dataset

@@ -19,6 +19,7 @@ so no adapter is ever skipped.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -32,22 +33,40 @@ logger = logging.getLogger(__name__)
 RETURN_LOGITS_CONFIG_FLAG = "unsloth_return_logits"
 
 
-def make_causal_lm_forward(upstream_forward):
-    """A forward for one CausalLM instance; ``upstream_forward`` is its class's own forward."""
+def make_causal_lm_forward(upstream_forward, softcap_logits: bool = True):
+    """A forward for one CausalLM (or ``*ForConditionalGeneration``) instance; ``upstream_forward``
+    is its class's own forward, whose signature says how positional arguments map to names
+    (a multimodal head's second parameter is ``pixel_values`` or ``attention_mask``, depending on
+    the family). ``softcap_logits``: the upstream head applies ``final_logit_softcapping``."""
+    signature = inspect.signature(upstream_forward)
 
-    def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, *args,
-                          labels=None, logits_to_keep=0, return_logits=None, **kwargs):
+    def causal_lm_forward(self, *args, return_logits=None, **kwargs):
+        bound = signature.bind_partial(self, *args, **kwargs).arguments
+        bound.pop(next(iter(signature.parameters)))  # self
+        extra = bound.pop(_var_keyword(signature), {})
+        labels = bound.get("labels")
         wants_logits = return_logits or getattr(self.config, RETURN_LOGITS_CONFIG_FLAG, False)
         lm_head = None
         if labels is not None and self.training and torch.is_grad_enabled() and not wants_logits:
             lm_head = _fusable_lm_head(self.lm_head)
         if lm_head is None:
-            return upstream_forward(self, input_ids, attention_mask, position_ids, *args, labels=labels,
-                                    logits_to_keep=logits_to_keep, **kwargs)
-        return _fused_loss_forward(self, lm_head, input_ids, attention_mask, position_ids, args, labels,
-                                   logits_to_keep, kwargs)
+            return upstream_forward(self, *args, **kwargs)
+        return _fused_loss_forward(self, lm_head, {**bound, **extra}, softcap_logits)
 
+    # generate() checks its inputs against the forward's signature: show upstream's (plus ours).
+    causal_lm_forward.__signature__ = _with_return_logits(signature)
     return causal_lm_forward
+
+
+def _with_return_logits(signature: inspect.Signature) -> inspect.Signature:
+    parameters = list(signature.parameters.values())
+    extra = inspect.Parameter("return_logits", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+    return signature.replace(parameters=[*parameters[:at], extra, *parameters[at:]])
+
+
+def _var_keyword(signature: inspect.Signature) -> str | None:
+    return next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
 
 def _fusable_lm_head(lm_head) -> nn.Linear | None:
@@ -72,17 +91,25 @@ def _modules_to_save_target(wrapper):
     return wrapper.modules_to_save[active[0]]
 
 
-def _fused_loss_forward(self, lm_head, input_ids, attention_mask, position_ids, args, labels, logits_to_keep, kwargs):
+def _fused_loss_forward(self, lm_head, inputs: dict, softcap_logits: bool):
+    """Upstream's head forward (``self.model(...)``, ``lm_head``, ``loss_function``) with the last
+    two fused. Every input upstream hands to ``self.model`` is handed on; ``labels`` only where the
+    inner model takes them (Gemma 3 builds its training attention mask from them)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    labels = inputs.pop("labels")
+    logits_to_keep = inputs.pop("logits_to_keep", 0)
+    num_items_in_batch = inputs.pop("num_items_in_batch", None)
+    shift_labels = inputs.pop("shift_labels", None)
+    ignore_index = inputs.pop("ignore_index", -100)
     # No KV cache in a training forward: it would only cost memory, and transformers detects packed
     # sequences (per-sequence position_ids, no attention mask) only without one, so a packed batch
     # gets its block-diagonal mask here even when the caller did not pass use_cache=False.
-    kwargs.setdefault("use_cache", False)
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
-    outputs = self.model(input_ids, attention_mask, position_ids, *args, **kwargs)
+    if inputs.get("use_cache") is None:
+        inputs["use_cache"] = False
+    if _takes_labels(self.model):
+        inputs["labels"] = labels
+    outputs = self.model(**inputs)
     hidden = _keep_positions(outputs.last_hidden_state, logits_to_keep)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -94,12 +121,16 @@ def _fused_loss_forward(self, lm_head, input_ids, attention_mask, position_ids, 
         shift_labels.reshape(-1).to(hidden.device),
         bias=lm_head.bias,
         ignore_index=ignore_index,
-        softcap=getattr(text_config, "final_logit_softcapping", None),
+        softcap=getattr(text_config, "final_logit_softcapping", None) if softcap_logits else None,
         reduction="mean",
         n_items=num_items_in_batch,
     )
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
+
+
+def _takes_labels(module: nn.Module) -> bool:
+    return "labels" in inspect.signature(type(module).forward).parameters
 
 
 def _keep_positions(tensor: torch.Tensor, logits_to_keep) -> torch.Tensor:

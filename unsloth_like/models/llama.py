@@ -1,15 +1,17 @@
-"""Training forwards for the Llama-shaped families (Llama, Mistral, Qwen2, Qwen3).
+"""Training forwards for the Llama-shaped decoders (Llama, Mistral, Qwen2, Qwen3, and the language
+decoders of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3 and Llama 3.2 Vision).
 
 Each function here is bound to *one module instance* by ``models.patching`` and replaces that
 instance's ``forward``; the classes in transformers are never touched. They compute exactly what
 upstream computes, through our kernels:
 
-* RMSNorm -> ``kernels.rms_norm`` (HF's Llama cast order), also Qwen3's per-head q/k norms;
+* RMSNorm -> ``kernels.rms_norm`` (HF's Llama cast order, or Gemma's fp32 ``(1 + weight)``),
+  also the per-head q/k norms of Qwen3 and Gemma 3;
 * attention -> upstream's structure with ``kernels.apply_rope`` on q and k, then the attention
   implementation the model was loaded with (SDPA by default; flash-attention when configured),
   through transformers' own attention-function registry, so masks, padding, packed sequences
   and the KV cache behave as upstream;
-* gated MLP -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))``.
+* gated MLP -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (GeGLU with tanh-GELU for Gemma).
 
 Projections under LoRA take the fused path (``kernels.lora``: QKV in one read of X, O, and the
 whole gated MLP) whenever ``lora_fusion`` finds it an exact replacement for PEFT's modules;
@@ -22,20 +24,41 @@ import sys
 
 import torch
 
-from ..kernels import apply_rope, rms_norm, swiglu
+from ..kernels import apply_rope, geglu, rms_norm, swiglu
 from .lora_fusion import fused_mlp, fused_o, fused_qkv
 from .registry import PatchSpec
 
+# transformers' activation names -> ours (kernels.swiglu / kernels.lora); others run upstream code
+MLP_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
-def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+def make_rms_norm_forward(spec: PatchSpec):
+    """Llama-style norms keep ``variance_epsilon``; Gemma's keep ``eps`` and add 1 to the weight."""
+    if spec.norm_offset == 0.0:
+        def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    else:
+        def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return rms_norm(hidden_states, self.weight, self.eps, spec.norm_offset)
+    return rms_norm_forward
 
 
-def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    fused = fused_mlp(self, x, "silu")
-    if fused is not None:
-        return fused
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+def make_mlp_forward(activation: str):
+    """The gated MLP for one of ``MLP_ACTIVATIONS``' values."""
+    if activation == "silu":
+        def gate(g, u):
+            return swiglu(g, u)
+    else:
+        def gate(g, u):
+            return geglu(g, u, approximate="tanh")
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_mlp(self, x, activation)
+        if fused is not None:
+            return fused
+        return self.down_proj(gate(self.gate_proj(x), self.up_proj(x)))
+
+    return mlp_forward
 
 
 def make_attention_forward(spec: PatchSpec):
@@ -70,7 +93,7 @@ def make_attention_forward(spec: PatchSpec):
             extra["sliding_window"] = self.sliding_window
         attn_output, attn_weights = attention(
             self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
+            dropout=0.0 if not self.training else _dropout(self),
             scaling=self.scaling, **extra, **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -78,6 +101,12 @@ def make_attention_forward(spec: PatchSpec):
         return (self.o_proj(attn_output) if output is None else output), attn_weights
 
     return attention_forward
+
+
+def _dropout(attention) -> float:
+    """The attention dropout probability (Mllama's text attention names it ``dropout``)."""
+    value = getattr(attention, "attention_dropout", None)
+    return getattr(attention, "dropout", 0.0) if value is None else value
 
 
 def _pop_cache(args: tuple, kwargs: dict):

@@ -32,6 +32,9 @@ from .generation import accept_encoded_inputs
 from .lora import get_peft_model
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import patch_model, unpatch
+from .vision_lora import decoder_layers_only, lora_target
+from .vision import (check_vision_dependencies, is_vision_config, keep_unquantized_modules, load_processor,
+                     mirror_special_tokens, prepare_vision_inputs)
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +45,11 @@ _UNSET = object()  # distinguishes "load_in_4bit left at its default" from an ex
 
 
 class FastLanguageModel:
-    """Load, patch and switch modes of causal language models (Unsloth's names and defaults)."""
+    """Load, patch and switch modes of causal language models (Unsloth's names and defaults); a
+    vision-language checkpoint loads as ``FastVisionModel`` would load it."""
 
     patch_architecture = True  # FastModel leaves models unpatched
+    vision_only = False  # FastVisionModel refuses text-only checkpoints
 
     @classmethod
     def from_pretrained(
@@ -67,65 +72,21 @@ class FastLanguageModel:
         attn_implementation: str | None = None,
         **kwargs,
     ):
-        check_mode(use_gradient_checkpointing)
-        user_quantization = kwargs.pop("quantization_config", None)
-        quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, user_quantization)
-        check_max_seq_length(max_seq_length)
-        device = _resolve_device(device_map)
-        torch_dtype = _resolve_dtype(dtype, device)
-        source = _resolve_source(model_name)  # raises before any weights are read
-
-        import transformers
-
-        adapter_dir = None
-        if source.adapter:
-            adapter_dir, model_name = source.path, source.base_model
-        config = _load_config(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
-        _apply_rope_scaling(config, max_seq_length, rope_scaling)
-        load_kwargs = {
-            "config": config, "dtype": torch_dtype, "token": token, "revision": revision,
-            "trust_remote_code": trust_remote_code,
-            "attn_implementation": attn_implementation or "sdpa",
-            **kwargs,
-        }
-        if device != "cpu":
-            load_kwargs["device_map"] = device_map if device_map != "auto" else {"": device}
-        quantization_config = user_quantization or _quantization_config(quant, torch_dtype)
-        if quantization_config is not None:
-            load_kwargs["quantization_config"] = quantization_config
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_name, **load_kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            _tokenizer_source(adapter_dir, model_name), token=token, revision=revision,
-            trust_remote_code=trust_remote_code)
-
-        if fix_tokenizer:
-            _ensure_pad_token(tokenizer, model)
-        if resize_model_vocab is not None:
-            model.resize_token_embeddings(resize_model_vocab)
-        tokenizer.padding_side = "right"
-        tokenizer.model_max_length = max_seq_length
-        model.max_seq_length = max_seq_length
-        _TOKENIZERS[model] = tokenizer
-        guard_4bit_layers(model)  # right 4-bit maths where this CPU's bitsandbytes gets it wrong
-        if cls.patch_architecture:
-            patch_model(model)
-        if full_finetuning:
-            set_gradient_checkpointing(model, use_gradient_checkpointing)
-        attach_export_methods(model)  # model.save_pretrained_gguf after a full finetune, or of the base
-        accept_encoded_inputs(model)  # generate(input_ids=apply_chat_template(..., return_tensors="pt"))
-        if adapter_dir is not None:
-            from peft import PeftModel
-
-            model = attach_save_methods(PeftModel.from_pretrained(model, adapter_dir, is_trainable=True))
-            accept_encoded_inputs(model)
-            set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
-        install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
-        install_precision_default()  # ... and SFTConfig(...) without bf16/fp16, on T4s and CPUs too
-        return model, tokenizer
+        return _load(
+            cls, model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit, load_in_16bit=load_in_16bit, full_finetuning=full_finetuning, token=token,
+            device_map=device_map, rope_scaling=rope_scaling, fix_tokenizer=fix_tokenizer,
+            trust_remote_code=trust_remote_code, use_gradient_checkpointing=use_gradient_checkpointing,
+            resize_model_vocab=resize_model_vocab, revision=revision, attn_implementation=attn_implementation,
+            vision_only=cls.vision_only, **kwargs)
 
     @staticmethod
     def get_peft_model(model, *args, **kwargs):
-        """Add LoRA adapters; returns a ``peft.PeftModel`` (see ``unsloth_like.models.lora``)."""
+        """Add LoRA adapters; returns a ``peft.PeftModel`` (see ``unsloth_like.models.lora``). A
+        vision-language model gets ``FastVisionModel.get_peft_model``'s module selection."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if is_vision_config(getattr(base, "config", None)):
+            return FastVisionModel.get_peft_model(model, *args, **kwargs)
         return get_peft_model(model, *args, **kwargs)
 
     @staticmethod
@@ -147,9 +108,115 @@ class FastLanguageModel:
 
 
 class FastModel(FastLanguageModel):
-    """The generic path: any ``AutoModelForCausalLM`` checkpoint, loaded and left unpatched."""
+    """The generic path: any ``AutoModelForCausalLM`` checkpoint (or vision-language one, with its
+    processor), loaded and left unpatched."""
 
     patch_architecture = False
+
+
+class FastVisionModel(FastLanguageModel):
+    """Vision-language models (Unsloth's names and defaults): ``from_pretrained`` returns the
+    ``*ForConditionalGeneration`` model, its language decoder patched with our kernels where the
+    family is registered, and its processor (which the notebooks call ``tokenizer``)."""
+
+    vision_only = True
+
+    @staticmethod
+    def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                       bias: str = "none", finetune_vision_layers: bool = True, finetune_language_layers: bool = True,
+                       finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True,
+                       finetune_last_n_layers: int | None = None, layers_to_transform=None, **kwargs):
+        """LoRA on the modules the ``finetune_*`` flags select (``models.vision_lora``); every other
+        argument as ``FastLanguageModel.get_peft_model``. Returns a ``peft.PeftModel``."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        target = lora_target(base, vision=finetune_vision_layers, language=finetune_language_layers,
+                             attention=finetune_attention_modules, mlp=finetune_mlp_modules,
+                             target_modules=target_modules)
+        if finetune_last_n_layers is not None or layers_to_transform is not None:
+            target = decoder_layers_only(base, target, last_n=finetune_last_n_layers, layers=layers_to_transform)
+        peft_model = get_peft_model(model, r=r, target_modules=target, lora_alpha=lora_alpha,
+                                    lora_dropout=lora_dropout, bias=bias, **kwargs)
+        return prepare_vision_inputs(peft_model)
+
+
+def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning,
+          token, device_map, rope_scaling, fix_tokenizer, trust_remote_code, use_gradient_checkpointing,
+          resize_model_vocab, revision, attn_implementation, vision_only: bool = False, **kwargs):
+    """``from_pretrained`` of every loader class: a text model with its tokenizer, or a
+    vision-language model (any config with a vision tower) with its processor."""
+    check_mode(use_gradient_checkpointing)
+    user_quantization = kwargs.pop("quantization_config", None)
+    quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, user_quantization)
+    check_max_seq_length(max_seq_length)
+    device = _resolve_device(device_map)
+    torch_dtype = _resolve_dtype(dtype, device)
+    source = _resolve_source(model_name)  # raises before any weights are read
+
+    import transformers
+
+    adapter_dir = None
+    if source.adapter:
+        adapter_dir, model_name = source.path, source.base_model
+    config = _load_config(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+    vision = is_vision_config(config)
+    if vision_only and not vision:
+        raise ValueError(f"{model_name} is a text-only model ({type(config).__name__} has no vision tower); "
+                         "load it with FastLanguageModel.from_pretrained.")
+    if vision:
+        check_vision_dependencies()
+    _apply_rope_scaling(config, max_seq_length, rope_scaling)
+    load_kwargs = {
+        "config": config, "dtype": torch_dtype, "token": token, "revision": revision,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": attn_implementation or "sdpa",
+        **kwargs,
+    }
+    if device != "cpu":
+        load_kwargs["device_map"] = device_map if device_map != "auto" else {"": device}
+    keep = keep_unquantized_modules(config, trust_remote_code) if vision else None  # None: transformers' own
+    quantization_config = user_quantization or _quantization_config(quant, torch_dtype, keep)
+    if quantization_config is not None:
+        load_kwargs["quantization_config"] = quantization_config
+    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(model_name, **load_kwargs)
+    source_dir = _tokenizer_source(adapter_dir, model_name)
+    if vision:
+        processor = load_processor(source_dir, token=token, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = processor.tokenizer
+    else:
+        processor = tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source_dir, token=token, revision=revision, trust_remote_code=trust_remote_code)
+
+    if fix_tokenizer:
+        _ensure_pad_token(tokenizer, model)
+        if vision:
+            mirror_special_tokens(processor)
+    if resize_model_vocab is not None:
+        model.resize_token_embeddings(resize_model_vocab)
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = max_seq_length
+    model.max_seq_length = max_seq_length
+    _TOKENIZERS[model] = processor
+    guard_4bit_layers(model)  # right 4-bit maths where this CPU's bitsandbytes gets it wrong
+    if cls.patch_architecture:
+        patch_model(model)
+    if full_finetuning:
+        set_gradient_checkpointing(model, use_gradient_checkpointing)
+    attach_export_methods(model)  # model.save_pretrained_gguf after a full finetune, or of the base
+    accept_encoded_inputs(model)  # generate(input_ids=apply_chat_template(..., return_tensors="pt"))
+    if vision:
+        prepare_vision_inputs(model)  # pixel dtype, token type ids the forward does not take
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = attach_save_methods(PeftModel.from_pretrained(model, adapter_dir, is_trainable=True))
+        accept_encoded_inputs(model)
+        if vision:
+            prepare_vision_inputs(model)
+        set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
+    install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
+    install_precision_default()  # ... and SFTConfig(...) without bf16/fp16, on T4s and CPUs too
+    return model, processor
 
 
 # --- argument checks (all before anything is loaded) --------------------------------------------
@@ -303,15 +370,18 @@ def _apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) 
         text.max_position_embeddings = max_seq_length
 
 
-def _quantization_config(quant: str, dtype: torch.dtype):
+def _quantization_config(quant: str, dtype: torch.dtype, keep_unquantized: list[str] | None):
+    """bitsandbytes settings; ``keep_unquantized`` are module paths left in 16 bits (as patterns
+    transformers' ``should_convert_module`` matches: a prefix at a module boundary), or None for
+    transformers' default (the output embedding)."""
     if quant == "16bit":
         return None
     from transformers import BitsAndBytesConfig
 
     if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_unquantized)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=keep_unquantized)
 
 
 def _ensure_pad_token(tokenizer, model) -> None:
@@ -332,7 +402,7 @@ def _ensure_pad_token(tokenizer, model) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-# The tokenizer each loaded model came with, so for_inference/for_training can set its padding
+# The tokenizer (or processor) each loaded model came with, so for_inference/for_training can set its padding
 # side (Unsloth's calls take only the model). Weak keys: the entry dies with the model.
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -343,6 +413,7 @@ def _set_mode(model, training: bool):
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     tokenizer = _TOKENIZERS.get(base)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own tokenizer does the padding
     if tokenizer is not None:
         tokenizer.padding_side = "right" if training else "left"
         if not training and stop_on_tokenizer_eos(getattr(base, "generation_config", None), tokenizer):

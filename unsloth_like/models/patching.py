@@ -15,14 +15,13 @@ import types
 from torch import nn
 
 from .causal_lm import make_causal_lm_forward
-from .llama import make_attention_forward, mlp_forward, rms_norm_forward
+from .llama import MLP_ACTIVATIONS, make_attention_forward, make_mlp_forward, make_rms_norm_forward
 from .lora_fusion import MLP, QKV, attach_fusion_log, detach_fusion_log, fusion_report
 from .registry import PatchSpec, spec_for
 
 logger = logging.getLogger(__name__)
 
 _PATCHED_ATTR = "_unsloth_like_patched"  # list of (module, attribute name, previous value or None)
-_SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -46,22 +45,28 @@ def patch_model(model: nn.Module) -> PatchSpec | None:
     if is_patched(root):
         return spec
     records: list = []
-    activation = getattr(root.config.get_text_config(), "hidden_act", "silu")
-    attention_forward = make_attention_forward(spec)
+    activation = _mlp_activation(root.config.get_text_config())
+    norm_forward, attention_forward = make_rms_norm_forward(spec), make_attention_forward(spec)
+    mlp_forward = make_mlp_forward(MLP_ACTIVATIONS[activation]) if activation in MLP_ACTIVATIONS else None
     for module in root.modules():
         name = type(module).__name__
         if name == spec.norm:
-            _bind(module, rms_norm_forward, records)
+            _bind(module, norm_forward, records)
         elif name == spec.attention:
             _bind(module, attention_forward, records)
-        elif name == spec.mlp and activation in _SUPPORTED_ACTIVATIONS:
+        elif name == spec.mlp and mlp_forward is not None:
             _bind(module, mlp_forward, records)
     attach_fusion_log(lora_groups(model))
-    if activation not in _SUPPORTED_ACTIVATIONS:
+    if mlp_forward is None:
         logger.warning("hidden_act %r has no fused kernel here; the MLP runs upstream code.", activation)
-    _bind(root, make_causal_lm_forward(type(root).forward), records)
+    _bind(root, make_causal_lm_forward(type(root).forward, spec.softcap_logits), records)
     setattr(root, _PATCHED_ATTR, records)
     return spec
+
+
+def _mlp_activation(text_config) -> str:
+    """The MLP activation as the config names it (Gemma configs call it ``hidden_activation``)."""
+    return getattr(text_config, "hidden_activation", None) or getattr(text_config, "hidden_act", "silu")
 
 
 def unpatch(model: nn.Module) -> None:

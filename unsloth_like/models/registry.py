@@ -3,6 +3,11 @@
 A new architecture that shares the Llama shape (pre-norm decoder, RMSNorm, q/k/v/o attention
 with rotary embeddings, gated MLP) is one ``register`` call naming its module classes. Anything
 not registered loads unpatched through ``FastModel`` and trains with upstream code.
+
+A vision-language family is one ``register_vision`` call: the ``PatchSpec`` of its language
+decoder (which gets our kernels, as a text model does) plus what the vision path needs to know
+about its layout (``VisionSpec``). Its vision tower keeps upstream code, except for norm classes
+it shares with the decoder, whose kernel is an exact replacement.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ class PatchSpec:
     ``norm``/``attention``/``mlp`` are the class names of its modules. ``sliding_window`` says
     where the attention gets its window from, mirroring upstream: ``"none"`` (Llama),
     ``"config"`` (Mistral: ``config.sliding_window``) or ``"module"`` (Qwen2/3: the layer's own
-    ``sliding_window`` attribute). ``qk_norm``: RMSNorm on q and k per head before RoPE (Qwen3).
+    ``sliding_window`` attribute). ``qk_norm``: RMSNorm on q and k per head before RoPE (Qwen3,
+    Gemma 3). ``norm_offset``: 1.0 for Gemma's ``(1 + weight)`` norms (computed in fp32, one cast
+    at the end), 0.0 for Llama's. ``softcap_logits``: whether the model's own head applies
+    ``final_logit_softcapping`` when the config sets it (Gemma 2/3 text models do; transformers'
+    multimodal heads never do), which the fused loss must then do too.
     """
 
     model_type: str
@@ -26,6 +35,8 @@ class PatchSpec:
     mlp: str
     sliding_window: str = "none"
     qk_norm: bool = False
+    norm_offset: float = 0.0
+    softcap_logits: bool = True
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -46,6 +57,37 @@ def spec_for(model_type: str) -> PatchSpec | None:
     return _REGISTRY.get(model_type)
 
 
+@dataclass(frozen=True)
+class VisionSpec:
+    """A vision-language family (the ``model_type`` of its top-level config): ``text`` patches its
+    language decoder. What else a family needs (how its parts map to llama.cpp's multimodal
+    projector, ...) joins here as it is built. Which modules stay 16-bit in a quantised load is
+    found on the model itself (``models.vision.keep_unquantized_modules``), for any family."""
+
+    text: PatchSpec
+
+    @property
+    def model_type(self) -> str:
+        return self.text.model_type
+
+
+_VISION: dict[str, VisionSpec] = {}
+
+
+def register_vision(spec: VisionSpec) -> VisionSpec:
+    register(spec.text)
+    _VISION[spec.model_type] = spec
+    return spec
+
+
+def vision_spec_for(model_type: str) -> VisionSpec | None:
+    return _VISION.get(model_type)
+
+
+def supported_vision_model_types() -> list[str]:
+    return sorted(_VISION)
+
+
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -54,3 +96,14 @@ register(PatchSpec("llama", "LlamaRMSNorm", "LlamaAttention", "LlamaMLP"))
 register(PatchSpec("mistral", "MistralRMSNorm", "MistralAttention", "MistralMLP", sliding_window="config"))
 register(PatchSpec("qwen2", "Qwen2RMSNorm", "Qwen2Attention", "Qwen2MLP", sliding_window="module"))
 register(PatchSpec("qwen3", "Qwen3RMSNorm", "Qwen3Attention", "Qwen3MLP", sliding_window="module", qk_norm=True))
+
+register_vision(VisionSpec(PatchSpec("qwen2_vl", "Qwen2VLRMSNorm", "Qwen2VLAttention", "Qwen2MLP",
+                                     sliding_window="module", softcap_logits=False)))
+register_vision(VisionSpec(PatchSpec("qwen2_5_vl", "Qwen2_5_VLRMSNorm", "Qwen2_5_VLAttention", "Qwen2MLP",
+                                     sliding_window="module", softcap_logits=False)))
+register_vision(VisionSpec(PatchSpec("qwen3_vl", "Qwen3VLTextRMSNorm", "Qwen3VLTextAttention", "Qwen3VLTextMLP",
+                                     qk_norm=True, softcap_logits=False)))
+register_vision(VisionSpec(PatchSpec("gemma3", "Gemma3RMSNorm", "Gemma3Attention", "Gemma3MLP", sliding_window="module",
+                                     qk_norm=True, norm_offset=1.0, softcap_logits=False)))
+register_vision(VisionSpec(PatchSpec("mllama", "MllamaTextRMSNorm", "MllamaTextSelfAttention", "MllamaTextMLP",
+                                     softcap_logits=False)))

@@ -44,6 +44,11 @@ class MergePlan:
     replacements: dict = field(default_factory=dict)
     untie: bool = False
 
+    def renamed(self, name) -> "MergePlan":
+        """The same plan keyed by ``name(key)`` (runtime names -> the checkpoint's)."""
+        return MergePlan({name(k): v for k, v in self.deltas.items()}, {name(k): v for k, v in self.magnitudes.items()},
+                         {name(k): v for k, v in self.replacements.items()}, self.untie)
+
 
 def plan_merge(peft_model) -> MergePlan:
     """The LoRA deltas and whole-tensor replacements of ``peft_model``'s active adapter."""

@@ -4,7 +4,9 @@
 
 * ``"lora"``: the adapter directory PEFT writes (plus the tokenizer), loadable by plain PEFT;
 * ``"merged_16bit"``: the base model with the adapter merged in (``merge.py``), as a standard
-  transformers checkpoint in the base's own dtype, loadable by ``AutoModelForCausalLM``;
+  transformers checkpoint in the base's own dtype and key names, loadable by
+  ``AutoModelForCausalLM`` (``AutoModelForImageTextToText`` for a vision-language model, saved
+  with its processor's files, the standalone image/video preprocessor configs included);
 * ``"merged_4bit"`` (alias ``"merged_4bit_forced"``, Unsloth's name): that merged checkpoint
   quantised to bitsandbytes NF4 (double quantisation, the base's compute dtype) and saved as a
   pre-quantised transformers checkpoint. Rounding the merged weights to 4 bits loses precision
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..chat_templates import stop_on_tokenizer_eos
+from ..models.vision import is_vision_config, keep_unquantized_modules
 from .merge import ShardWriter, plan_merge
 from .sources import merged_entries
 from .staging import remove_abandoned, staging_name
@@ -104,7 +107,7 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
         if merged_dir is not staging:
             _quantize_4bit(merged_dir, staging, base, max_shard_size)
             shutil.rmtree(merged_dir)
-        _save_tokenizer(tokenizer, staging)
+        _save_tokenizer(tokenizer, staging, getattr(base.config, "_name_or_path", None))
         _write_model_card(staging, base, save_method)
     return target
 
@@ -112,11 +115,12 @@ def save_pretrained_merged(model, save_directory, tokenizer=None, save_method: s
 def _write_model_card(staging: Path, base, save_method: str) -> None:
     name = getattr(base.config, "_name_or_path", "") or "unknown"
     base_line = f"base_model: {name}\n" if "/" in name and not Path(name).exists() else ""
+    auto = "AutoModelForImageTextToText" if is_vision_config(base.config) else "AutoModelForCausalLM"
     (staging / "README.md").write_text(
         f"---\n{base_line}library_name: transformers\ntags:\n- unsloth_like\n- lora\n- {save_method}\n---\n\n"
         f"# {Path(name).name or 'model'} with its LoRA adapter merged\n\n"
         f"Saved by unsloth_like with `save_method=\"{save_method}\"`: the LoRA update `W + s·B·A` was merged "
-        "in fp32 and cast once to each weight's dtype. Load it with `transformers.AutoModelForCausalLM.from_pretrained`."
+        f"in fp32 and cast once to each weight's dtype. Load it with `transformers.{auto}.from_pretrained`."
         + (" The weights are bitsandbytes NF4 (4-bit)." if save_method.startswith("merged_4bit") else "") + "\n")
 
 
@@ -127,13 +131,15 @@ def _quantize_4bit(merged_dir: Path, staging: Path, base, max_shard_size) -> Non
     compute_dtype = getattr(getattr(base.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
+    vision = is_vision_config(base.config)
+    keep = keep_unquantized_modules(base.config) if vision else ["lm_head"]
     quantization = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype or base.dtype,
-        llm_int8_skip_modules=["lm_head"])
+        llm_int8_skip_modules=keep)
     device = base.device if base.device.type == "cuda" else "cpu"
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        merged_dir, quantization_config=quantization, device_map={"": device})
+    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    quantized = auto.from_pretrained(merged_dir, quantization_config=quantization, device_map={"": device})
     quantized.save_pretrained(staging, max_shard_size=max_shard_size)
     del quantized
 
@@ -174,12 +180,39 @@ def _save_config(base, staging: Path, untie: bool, dtype, tokenizer=None) -> Non
         generation_config.save_pretrained(staging)
 
 
-def _save_tokenizer(tokenizer, staging: Path) -> None:
+def _save_tokenizer(tokenizer, staging: Path, source: str | None = None) -> None:
     if tokenizer is None:
         logger.warning("save_pretrained_merged: no tokenizer given, so none is saved with the model; pass "
                        "tokenizer=... to get a directory you can load and chat with.")
         return
     tokenizer.save_pretrained(staging)
+    if getattr(tokenizer, "image_processor", None) is not None:
+        save_processor_files(tokenizer, staging, source)
+
+
+# What consumers of a vision-language checkpoint read besides processor_config.json: transformers 4,
+# vLLM and llama.cpp's mmproj converter read the standalone image/video preprocessor configs, slow
+# tokenizers read vocab.json/merges.txt or tokenizer.model.
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def save_processor_files(processor, staging: Path, source: str | None) -> None:
+    """Next to ``processor.save_pretrained``'s files (transformers 5 nests the image and video
+    processors inside ``processor_config.json``): the standalone preprocessor configs, and any
+    processor file of a local source checkpoint that is still missing (never replacing what the
+    processor, which the user may have changed, just wrote)."""
+    for part in ("image_processor", "video_processor"):
+        component = getattr(processor, part, None)
+        if component is not None:
+            component.save_pretrained(staging)
+    source_dir = Path(source) if source and Path(source).is_dir() else None
+    if source_dir is None:
+        return
+    for name in PROCESSOR_FILES:
+        if (source_dir / name).is_file() and not (staging / name).exists():
+            shutil.copy2(source_dir / name, staging / name)
 
 
 # --- checks and atomic writes ---------------------------------------------------------------------

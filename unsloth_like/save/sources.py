@@ -13,6 +13,13 @@ metadata up front, and a ``load()`` that produces the tensor when its turn comes
   vocabulary taken from memory, and an untied ``lm_head`` when training changed a tied pair;
 * ``model_entries(model)``: a model without adapters (a full finetune, or a base model) as it is
   in memory, since its weights may have been trained.
+
+Keys are always the checkpoint's own names. transformers 5 renames some families' weights on load
+(Qwen2-VL's ``model.layers.*`` becomes ``model.language_model.layers.*``, Gemma 3's
+``language_model.model.*`` becomes ``model.language_model.*``) and back on save; ``checkpoint_names``
+applies that same reverse renaming (transformers' own ``revert_weight_conversion``) to names taken
+from the model in memory, so merged saves and GGUF exports read and write what
+``from_pretrained`` and llama.cpp's converters expect.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
                        "F8_E5M2": torch.float8_e5m2}
-_EMBEDDING_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass
@@ -75,16 +81,46 @@ def _file_loader(path: Path, key: str) -> Callable[[], torch.Tensor]:
 def merged_entries(model, plan: MergePlan) -> tuple[list[TensorEntry], str]:
     """``(entries, description of where the base weights come from)`` for the merge of ``model``."""
     base = model.get_base_model()
+    names = checkpoint_names(base)
+    plan = plan.renamed(names)
     source = local_checkpoint(base)
     if source is not None:
         entries, described = checkpoint_entries(checkpoint_files(source)), f"the original weights in {source}"
     else:
         entries, described = _in_memory_entries(base)
-    memory = {key: tensor for key, tensor, _ in _base_entries(base) if key in _EMBEDDING_KEYS}
+    embeddings = _embedding_keys(base, names)
+    memory = {key: tensor for key, tensor, _ in _base_entries(base) if key in embeddings.values()}
     merged = [_merged_entry(entry, plan, memory) for entry in entries]
-    if plan.untie and not any(entry.key == "lm_head.weight" for entry in merged):
-        merged.append(_untied_head_entry(model, base, merged))
+    if plan.untie and not any(entry.key == embeddings["output"] for entry in merged):
+        merged.append(_untied_head_entry(model, base, merged, embeddings))
     return merged, described
+
+
+def checkpoint_names(base) -> Callable[[str], str]:
+    """Runtime parameter name -> the name the model's checkpoint format gives it (see the module
+    docstring); identity for families transformers does not rename."""
+    from functools import cache
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without weight conversions saves runtime names
+        return lambda key: key
+
+    @cache
+    def name(key: str) -> str:
+        reverted = revert_weight_conversion(base, {key: torch.empty(0)})
+        return next(iter(reverted)) if len(reverted) == 1 else key
+
+    return name
+
+
+def _embedding_keys(base, names: Callable[[str], str]) -> dict[str, str | None]:
+    """Checkpoint keys of the input and output embedding weights."""
+    keys = {}
+    for role, module in (("input", base.get_input_embeddings()), ("output", base.get_output_embeddings())):
+        path = next((n for n, m in base.named_modules() if m is module), None)
+        keys[role] = names(f"{path}.weight") if path is not None else None
+    return keys
 
 
 def _merged_entry(entry: TensorEntry, plan: MergePlan, memory: dict) -> TensorEntry:
@@ -98,12 +134,12 @@ def _merged_entry(entry: TensorEntry, plan: MergePlan, memory: dict) -> TensorEn
     return TensorEntry(entry.key, shape, entry.dtype, lambda: merged_tensor(entry.key, base_tensor(), plan))
 
 
-def _untied_head_entry(model, base, entries: list[TensorEntry]) -> TensorEntry:
+def _untied_head_entry(model, base, entries: list[TensorEntry], embeddings: dict) -> TensorEntry:
     """Tied in the checkpoint, different now: the trained lm_head is written on its own."""
     head = _effective_weight(base.get_output_embeddings(), model.active_adapter)
-    embed = next((e for e in entries if e.key == "model.embed_tokens.weight"), None)
+    embed = next((e for e in entries if e.key == embeddings["input"]), None)
     dtype = embed.dtype if embed is not None else head.dtype
-    return TensorEntry("lm_head.weight", tuple(head.shape), dtype, lambda: head.detach().cpu().to(dtype))
+    return TensorEntry(embeddings["output"], tuple(head.shape), dtype, lambda: head.detach().cpu().to(dtype))
 
 
 def _effective_weight(module, adapter: str):
@@ -162,13 +198,20 @@ def _memory_entry(key: str, tensor: torch.Tensor, nf4_module) -> TensorEntry:
 
 def _base_entries(base):
     """``(checkpoint key, state_dict tensor, NF4 module or None)`` of the base weights (of the
-    model inside a PEFT wrapper): adapter tensors, ``modules_to_save`` copies and 4-bit
-    quantisation-state entries left out."""
+    model inside a PEFT wrapper), under the checkpoint's names: adapter tensors,
+    ``modules_to_save`` copies, 4-bit quantisation-state entries and the second name of a tied
+    tensor left out."""
     nf4 = _nf4_modules(base)
+    names = checkpoint_names(base)
+    seen = set()  # tied weights (lm_head = embed_tokens) are one tensor, saved once as checkpoints do
     for key, tensor in base.state_dict().items():
         if "lora_" in key or ".modules_to_save." in key or _is_quant_state_key(key, nf4):
             continue
-        yield key.replace(".base_layer.", ".").replace(".original_module.", "."), tensor, nf4.get(key)
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.device.type != "meta" and storage in seen:
+            continue
+        seen.add(storage)
+        yield names(key.replace(".base_layer.", ".").replace(".original_module.", ".")), tensor, nf4.get(key)
 
 
 def _nf4_modules(base) -> dict:

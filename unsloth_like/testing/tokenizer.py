@@ -1,4 +1,4 @@
-"""Small real tokenizers, trained on the fly with ``tokenizers``, in the three shapes we meet.
+"""Small real tokenizers, trained on the fly with ``tokenizers``, in the shapes we meet.
 
 * ``llama3``: byte-level BPE with Llama-3's pre-tokenizer regex (digits in groups of up to 3),
   ``<|begin_of_text|>`` added in front, Llama-3 header/eot chat template, dedicated pad token.
@@ -7,8 +7,17 @@
 * ``spm``: SentencePiece-style BPE (``▁`` word marker, ``<0x..>`` byte fallback pieces,
   ``<unk>/<s>/</s>``) as in Mistral/Llama-2 ``tokenizer.json`` files, ``[INST]`` chat template and
   deliberately **no pad token**, as shipped by Mistral (the loader must give it one).
+* ``gemma3``: SentencePiece-style BPE as in Gemma 3's ``tokenizer.json`` (ids 0..3
+  ``<pad>/<eos>/<bos>/<unk>``, byte fallback, no dummy prefix), ``<bos>`` added, Gemma turn
+  template (assistant rendered as ``model``) whose image parts are ``<start_of_image>``, which
+  ``Gemma3Processor`` expands; ``boi_token``/``eoi_token``/``image_token`` saved as named tokens in
+  ``tokenizer_config.json`` as Gemma 3 ships them (the processor reads them from the tokenizer).
+* ``llama3_vision``: the ``llama3`` tokenizer plus ``<|python_tag|>`` and ``<|image|>`` (Llama 3.2
+  Vision), with a header/eot template that renders image parts as ``<|image|>``.
 
-All three are saved with ``save_pretrained`` and load back with ``AutoTokenizer``.
+The chat templates accept a message content that is a string or a list of
+``{"type": "text"|"image"[|"video"]}`` parts, as processors' ``apply_chat_template`` passes them.
+All are saved with ``save_pretrained`` and load back with ``AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -55,6 +64,43 @@ CHATML_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Llama 3.2 Vision: the Llama-3 template with image parts rendered as <|image|>.
+LLAMA3_VISION_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Gemma 3 (simplified from the official template): a system message is folded into the first user
+# turn, the assistant role is rendered as "model", image parts as <start_of_image>.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% if messages[0]['content'] is string %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% else %}{% set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' %}{% endif %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 MISTRAL_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -69,7 +115,7 @@ MISTRAL_CHAT_TEMPLATE = (
 class TokenizerSpec:
     """Everything that determines a zoo tokenizer; its ``key`` names the cache entry."""
 
-    style: str  # "llama3" | "qwen2" | "spm"
+    style: str  # "llama3" | "qwen2" | "spm" | "gemma3"
     vocab_size: int
     special_tokens: tuple[str, ...]
     bos_token: str | None
@@ -79,6 +125,10 @@ class TokenizerSpec:
     chat_template: str
     add_bos: bool
     seed: int = 0
+    # Model-specific named special tokens saved in tokenizer_config.json, e.g. Gemma 3's
+    # (("boi_token", "<start_of_image>"), ...): they become tokenizer attributes (``tokenizer.boi_token``,
+    # ``tokenizer.boi_token_id``) that processors read.
+    named_tokens: tuple[tuple[str, str], ...] = ()
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
@@ -117,7 +167,39 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
         chat_template=MISTRAL_CHAT_TEMPLATE,
         add_bos=True,
     ),
+    "gemma3": TokenizerSpec(
+        style="gemma3",
+        vocab_size=1000,
+        special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                        "<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        add_bos=True,
+        named_tokens=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
+                      ("image_token", "<image_soft_token>")),
+    ),
+    "llama3_vision": TokenizerSpec(
+        style="llama3",
+        vocab_size=1102,
+        special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>",
+                        "<|image|>"),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|finetune_right_pad_id|>",
+        unk_token=None,
+        chat_template=LLAMA3_VISION_CHAT_TEMPLATE,
+        add_bos=True,
+    ),
 }
+
+# SentencePiece-style tokenizers: how many leading special tokens take ids 0.. before the byte
+# pieces, and whether a "▁" is prepended to the first word (Llama-2/Mistral) or not (Gemma).
+_SPM_CORE = {"spm": 3, "gemma3": 4}
+_SPM_PREPEND = {"spm": "first", "gemma3": "never"}
 
 
 def train_tokenizer(spec: TokenizerSpec) -> "Tokenizer":
@@ -125,7 +207,7 @@ def train_tokenizer(spec: TokenizerSpec) -> "Tokenizer":
     from tokenizers import processors
 
     corpus = tokenizer_corpus(seed=spec.seed)
-    if spec.style == "spm":
+    if spec.style in _SPM_CORE:
         tokenizer = _train_spm(spec, corpus)
     elif spec.style in ("llama3", "qwen2"):
         tokenizer = _train_byte_level(spec, corpus)
@@ -163,18 +245,21 @@ def _train_byte_level(spec: TokenizerSpec, corpus: list[str]) -> "Tokenizer":
 
 
 def _train_spm(spec: TokenizerSpec, corpus: list[str]) -> "Tokenizer":
-    """SentencePiece-shaped BPE: ids 0..2 unk/bos/eos, then the 256 ``<0xNN>`` byte pieces."""
+    """SentencePiece-shaped BPE: the core special tokens first (``spm``: ids 0..2 unk/bos/eos;
+    ``gemma3``: ids 0..3 pad/eos/bos/unk), then the 256 ``<0xNN>`` byte pieces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    n_core = _SPM_CORE[spec.style]
+    prepend = _SPM_PREPEND[spec.style]
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
     draft = Tokenizer(models.BPE(unk_token=spec.unk_token))
     draft.pre_tokenizer = metaspace
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size - 256 - 3, special_tokens=[], show_progress=False
+        vocab_size=spec.vocab_size - 256 - n_core, special_tokens=[], show_progress=False
     )
     draft.train_from_iterator(corpus, trainer=trainer)
     learned = json.loads(draft.to_str())["model"]
-    core = ["<unk>", "<s>", "</s>"]
+    core = list(spec.special_tokens[:n_core])
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
     ordered = core + byte_pieces + [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1])]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(ordered))}
@@ -183,9 +268,10 @@ def _train_spm(spec: TokenizerSpec, corpus: list[str]) -> "Tokenizer":
         models.BPE(vocab=vocab, merges=merges, unk_token=spec.unk_token, byte_fallback=True, fuse_unk=True)
     )
     tokenizer.pre_tokenizer = metaspace
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prepend != "never":  # drop the prepended "▁" of the first word again
+        steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(steps)
     tokenizer.add_special_tokens(list(spec.special_tokens))  # core ones already have ids 0..2
     return tokenizer
 
@@ -199,6 +285,7 @@ def save_tokenizer(spec: TokenizerSpec, directory: Path, model_max_length: int) 
              "unk_token": spec.unk_token}
     named = {k: v for k, v in named.items() if v is not None}
     extra = [t for t in spec.special_tokens if t not in named.values()]
+    model_specific = dict(spec.named_tokens)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         model_max_length=model_max_length,
@@ -206,5 +293,6 @@ def save_tokenizer(spec: TokenizerSpec, directory: Path, model_max_length: int) 
         chat_template=spec.chat_template,
         additional_special_tokens=extra,
         **named,
+        **model_specific,
     )
     tokenizer.save_pretrained(directory)
