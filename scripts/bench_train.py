@@ -4,6 +4,7 @@
     python scripts/bench_train.py --mode qlora    # the same on an NF4 (bitsandbytes) base
     python scripts/bench_train.py --mode full     # full finetuning
     python scripts/bench_train.py --max-seq       # GPU: also the longest sequence that fits at batch 1
+    python scripts/bench_train.py --model qwen2_vl --mode qlora   # a vision-language model, images in the batch
     python scripts/bench_train.py --out benchmarks/train-cpu.json
 
 Variants: ``hf`` is the plain model with ``peft.get_peft_model`` (standard gradient checkpointing
@@ -15,6 +16,11 @@ optimizer steps. Reported: tokens/s, seconds per step and peak memory above the 
 (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). On a GPU the model has
 Llama-3.1-8B's dimensions with random weights (no hub on the benchmark machines); its 4-bit form
 quantises those weights with bitsandbytes (NF4, double quantisation), as a 4-bit load would.
+``--model qwen2_vl``: a Qwen2-VL model (CPU: the zoo's; GPU: Qwen2-VL-7B's dimensions, random weights),
+LoRA on what ``FastVisionModel.get_peft_model``'s default flags select (vision and language
+attention and MLP) in both variants, batches of chats with one image each (random pixels, the
+processor's patch layout); a 4-bit base quantises the decoder and the vision blocks, not the
+merger, as ``FastVisionModel`` loads it.
 On a CPU whose bitsandbytes dequantises wrongly (its AVX512 path; ``unsloth_like.host``), the
 ``hf`` QLoRA baseline uses bitsandbytes' own pure-torch dequantisation: the report says so.
 """
@@ -42,14 +48,16 @@ def _rss_bytes() -> int:
 VARIANTS = ("hf", "unsloth_like", "hf_liger")
 
 
-def _build_model(device: str, quantized: bool = False):
+def _build_model(device: str, quantized: bool = False, name: str = "llama"):
     import transformers
 
     from unsloth_like.testing.zoo import load_zoo_model
 
     if device == "cpu":
-        model, _ = load_zoo_model("llama", load_in_4bit=quantized)
+        model, _ = load_zoo_model(name, load_in_4bit=quantized)
         return model
+    if name == "qwen2_vl":
+        return _build_qwen2_vl_7b(quantized)
     config = transformers.LlamaConfig(  # Llama-3.1-8B dimensions, random weights
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -62,34 +70,68 @@ def _build_model(device: str, quantized: bool = False):
     return model
 
 
+def _build_qwen2_vl_7b(quantized: bool):
+    import transformers
+
+    config = transformers.Qwen2VLConfig(  # Qwen2-VL-7B dimensions, random weights
+        text_config={"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                     "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                         "mrope_section": [16, 24, 24]}, "tie_word_embeddings": False},
+        vision_config={"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": 3584,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16,
+                                                                     attn_implementation="sdpa")
+    if quantized:
+        _quantize_decoder_linears(model)
+    return model
+
+
+def _decoder_parents(model):
+    """The attention and MLP modules whose Linear layers a 4-bit load quantises."""
+    inner = model.model
+    if hasattr(inner, "language_model"):  # a VLM: the decoder and the vision blocks (not the merger)
+        for block in inner.visual.blocks:
+            yield block.attn
+            yield block.mlp
+        inner = inner.language_model
+    for layer in inner.layers:
+        yield layer.self_attn
+        yield layer.mlp
+
+
 def _quantize_decoder_linears(model) -> None:
     """Replace the decoder's nn.Linear layers by bitsandbytes NF4 ones holding the same weights."""
     import bitsandbytes as bnb
 
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if type(child) is not torch.nn.Linear:
-                    continue
-                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                              compute_dtype=child.weight.dtype, compress_statistics=True,
-                                              quant_type="nf4", device="meta")
-                # quantised where the weight lives (Params4bit quantises on its first .to(device))
-                quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                                     compress_statistics=True, quant_type="nf4").to(child.weight.device)
-                if child.bias is not None:
-                    quantized.bias = child.bias
-                setattr(parent, name, quantized)
+    for parent in _decoder_parents(model):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=child.weight.dtype, compress_statistics=True,
+                                          quant_type="nf4", device="meta")
+            # quantised where the weight lives (Params4bit quantises on its first .to(device))
+            quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                                 compress_statistics=True, quant_type="nf4").to(child.weight.device)
+            if child.bias is not None:
+                quantized.bias = child.bias
+            setattr(parent, name, quantized)
         torch.cuda.empty_cache()
 
 
 def _add_adapters(model, spec: dict):
     from peft import LoraConfig, get_peft_model
 
-    from unsloth_like import FastLanguageModel
+    from unsloth_like import FastLanguageModel, FastVisionModel
     from unsloth_like.models import patch_model
 
     checkpointing = spec["gradient_checkpointing"]
+    vision = spec.get("model", "llama") != "llama"
+    targets = _vision_targets(model) if vision else "all-linear"  # the same modules in every variant
     if spec["variant"] == "unsloth_like":
         patch_model(model)
         if spec["mode"] == "full":
@@ -98,17 +140,16 @@ def _add_adapters(model, spec: dict):
 
                 set_gradient_checkpointing(model, "unsloth")
             return model
-        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules="all-linear",
-                                                random_state=0,
-                                                use_gradient_checkpointing="unsloth" if checkpointing else False)
+        loader = FastVisionModel if vision else FastLanguageModel
+        return loader.get_peft_model(model, r=16, lora_alpha=16, target_modules=None if vision else targets,
+                                     random_state=0, use_gradient_checkpointing="unsloth" if checkpointing else False)
     if spec["variant"] == "hf_liger":  # HF + PEFT with Liger's kernels (RMSNorm, RoPE, SwiGLU, fused loss)
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2_vl
 
-        apply_liger_kernel_to_llama(model=model)
+        (apply_liger_kernel_to_qwen2_vl if vision else apply_liger_kernel_to_llama)(model=model)
     if spec["mode"] != "full":
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
-                                                  task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -123,13 +164,12 @@ def run_variant(spec: dict) -> dict:
         routing = correct_bitsandbytes_baselines()  # for the process: it ends with the variant
         spec = {**spec, "bitsandbytes_cpu": routing.describe()}
     # Both variants seed 0 right before creating adapters: identical initial adapters.
-    model = _add_adapters(_build_model(device, quantized=spec["mode"] == "qlora"), spec)
+    model = _build_model(device, quantized=spec["mode"] == "qlora", name=spec.get("model", "llama"))
+    model = _add_adapters(model, spec)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=generator).to(device)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    vocab = model.config.get_text_config().vocab_size
+    batch = _batch(model.config, spec, vocab)
 
     def step():
         loss = model(**batch).loss
@@ -161,6 +201,37 @@ def run_variant(spec: dict) -> dict:
             "peak_mib": peak / 2**20, "losses": losses, "vocab": vocab}
 
 
+def _vision_targets(model) -> str:
+    from unsloth_like.models.vision_lora import lora_target
+
+    return lora_target(model, vision=True, language=True, attention=True, mlp=True)
+
+
+def _batch(config, spec: dict, vocab: int) -> dict:
+    """Random token ids (and, for a VLM, one image per row at its start: ``image_grid`` patches of
+    random pixels in the processor's layout, their placeholder tokens masked out of the labels)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, min(vocab, 150000), (spec["batch"], spec["seq"]), generator=generator)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if getattr(config, "vision_config", None) is not None:
+        vision = config.vision_config
+        specials = torch.tensor([config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                                 config.vision_end_token_id])
+        ordinary = next(i for i in range(vocab) if i not in specials.tolist())
+        input_ids[torch.isin(input_ids, specials)] = ordinary  # the text part holds no vision token
+        grid = spec["image_grid"]
+        image_tokens = grid * grid // vision.spatial_merge_size**2
+        input_ids[:, 0] = config.vision_start_token_id
+        input_ids[:, 1:1 + image_tokens] = config.image_token_id
+        input_ids[:, 1 + image_tokens] = config.vision_end_token_id
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        batch["pixel_values"] = torch.randn(spec["batch"] * grid * grid, patch, generator=generator)
+        batch["image_grid_thw"] = torch.tensor([[1, grid, grid]] * spec["batch"])
+        batch["mm_token_type_ids"] = (input_ids == config.image_token_id).long()
+    batch["labels"] = input_ids.masked_fill(batch.get("mm_token_type_ids", torch.zeros_like(input_ids)) == 1, -100)
+    return {k: v.to(spec["device"]) for k, v in batch.items()}
+
+
 def _run_subprocess(spec: dict) -> dict | None:
     """Run one variant in a fresh process; None when it ran out of device memory."""
     done = subprocess.run([sys.executable, __file__, "--variant-spec", json.dumps(spec)], capture_output=True, text=True)
@@ -185,6 +256,8 @@ def _longest_sequence(base_spec: dict, start: int = 2048, limit: int = 262144) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
+    parser.add_argument("--model", choices=("llama", "qwen2_vl"), default="llama",
+                        help="qwen2_vl: a vision-language model with an image in every row")
     parser.add_argument("--max-seq", action="store_true", help="GPU: also find the longest batch-1 sequence that fits")
     parser.add_argument("--out", default=None)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["hf", "unsloth_like"],
@@ -197,14 +270,18 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = {"batch": 8, "seq": 256, "warmup": 2, "steps": 5} if device == "cpu" else \
         {"batch": 2, "seq": 2048, "warmup": 3, "steps": 10}
+    if args.model != "llama":  # one image per row: 16 tokens on CPU (8x8 patches), 256 on GPU (32x32)
+        shape["image_grid"] = 8 if device == "cpu" else 32
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     slug = "cpu" if device == "cpu" else name.split()[-1].lower()
-    out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"train-{args.mode}-{slug}.json")
+    kind = args.mode if args.model == "llama" else f"{args.mode}-{args.model}"
+    out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"train-{kind}-{slug}.json")
     if "hf_liger" in args.variants and (device != "cuda" or importlib.util.find_spec("liger_kernel") is None):
         raise SystemExit("--variants hf_liger needs a CUDA device and liger-kernel (pip install liger-kernel).")
     rows = []
     for variant in args.variants:
-        spec = {"device": device, "variant": variant, "mode": args.mode, "gradient_checkpointing": device == "cuda"}
+        spec = {"device": device, "variant": variant, "mode": args.mode, "model": args.model,
+                "gradient_checkpointing": device == "cuda"}
         row = _run_subprocess({**spec, **shape})
         if row is None:
             raise SystemExit(f"variant {variant} ran out of memory at batch {shape['batch']} x {shape['seq']}.")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from unsloth_like.testing import zoo
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_train.py"
 
 
@@ -38,6 +40,36 @@ def test_both_variants_run_the_same_first_step(mode, bench, zoo_cache, monkeypat
     hf, ours = rows
     assert abs(hf["losses"][0] - ours["losses"][0]) < 1e-4
     assert all(row["tokens_per_s"] > 0 and row["vocab"] == 32003 for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_both_variants_run_the_same_first_vlm_step(mode, bench, zoo_cache, monkeypatch):
+    from unsloth_like.kernels import use_backend
+    from unsloth_like.testing import zoo
+
+    real = zoo.load_zoo_model
+    monkeypatch.setattr(zoo, "load_zoo_model", lambda name, **kw: real(name, cache_dir=zoo_cache, **kw))
+    rows = []
+    with use_backend("torch"):
+        for variant in ("hf", "unsloth_like"):
+            rows.append(bench.run_variant({"device": "cpu", "variant": variant, "mode": mode, "model": "qwen2_vl",
+                                           "gradient_checkpointing": False, "batch": 2, "seq": 32, "image_grid": 4,
+                                           "warmup": 1, "steps": 2}))
+    hf, ours = rows
+    assert abs(hf["losses"][0] - ours["losses"][0]) < 1e-4
+    assert all(row["tokens_per_s"] > 0 and row["vocab"] == 16387 for row in rows)
+
+
+def test_vlm_batches_hold_one_image_per_row_and_no_stray_vision_tokens(bench, zoo_cache):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(zoo.zoo_model_dir("qwen2_vl", zoo_cache))
+    batch = bench._batch(config, {"batch": 3, "seq": 40, "image_grid": 4, "device": "cpu"}, config.text_config.vocab_size)
+    image = batch["input_ids"] == config.image_token_id
+    assert image.sum(dim=1).tolist() == [4, 4, 4] and batch["pixel_values"].shape[0] == 3 * 16
+    assert ((batch["input_ids"] == config.vision_start_token_id).sum(dim=1) == 1).all()
+    assert (batch["labels"][image] == -100).all() and (batch["labels"][~image] >= 0).all()
 
 
 def test_longest_sequence_doubles_until_out_of_memory(bench, monkeypatch):

@@ -104,3 +104,22 @@ def test_merged_4bit_keeps_the_projector_unquantised(zoo_cache, tmp_path):
     assert not any(key.startswith("visual.merger") and "quant_state" in key for key in keys)
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(target)
     assert type(reloaded).__name__ == "Qwen2VLForConditionalGeneration"
+
+
+def test_push_to_hub_merged_uploads_model_and_processor(zoo_cache, tmp_path):
+    from .fake_hub import FakeHub
+
+    model, processor = _trained_lora("qwen2_vl", zoo_cache)
+    batch = vlm_chat_batch(processor, 1)
+    expected = _logits(model, batch)
+    with FakeHub() as hub:
+        model.push_to_hub_merged("someone/qwen-vl-merged", processor, token="hf_fake", endpoint=hub.endpoint)
+    files = hub.repos["someone/qwen-vl-merged"]
+    assert PROCESSOR_FILES | {"config.json", "model.safetensors"} <= set(files)
+    download = tmp_path / "download"
+    download.mkdir()
+    for name, data in files.items():
+        (download / name).write_bytes(data)
+    reloaded = transformers.AutoModelForImageTextToText.from_pretrained(download)
+    assert torch.allclose(_logits(reloaded, vlm_chat_batch(transformers.AutoProcessor.from_pretrained(download), 1)),
+                          expected, atol=1e-5)

@@ -199,3 +199,23 @@ def test_get_peft_model_flags_and_errors(zoo_cache):
     assert adapted and all(".language_model.layers." in n and ("attn" in n) for n in adapted)
     assert {int(n.split(".layers.")[1].split(".")[0]) for n in adapted} == {1, 2}
     assert not any("multi_modal_projector" in n or "lm_head" in n for n in adapted)
+
+
+def test_missing_pillow_names_the_extra_before_loading(zoo_cache, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    with pytest.raises(ImportError, match=r'need Pillow .*pip install "unsloth_like\[vision\]"'):
+        _load("qwen2_vl", zoo_cache, load_in_4bit=False)
+
+
+def test_a_processor_import_error_names_the_extra(zoo_cache, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library but it was not found.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
+    with pytest.raises(ImportError, match=r"requires the Torchvision library.*unsloth_like\[vision\]"):
+        _load("qwen2_vl", zoo_cache, load_in_4bit=False)
