@@ -172,8 +172,8 @@ def test_guard_gives_unfused_peft_layers_the_right_maths(zoo_cache, broken_nativ
 
 
 def test_layers_with_aligned_rows_keep_bitsandbytes():
-    model = torch.nn.Sequential(bnb.nn.Linear4bit(128, 48, quant_type="nf4"), bnb.nn.Linear4bit(200, 48, quant_type="nf4"),
-                                bnb.nn.Linear4bit(96, 48, quant_type="fp4")).to("cpu")
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(128, 64, quant_type="nf4"), bnb.nn.Linear4bit(200, 64, quant_type="nf4"),
+                                bnb.nn.Linear4bit(96, 64, quant_type="fp4")).to("cpu")
     assert guard_4bit_layers(model, probe=WRONG) == ["1"]  # 128 % 64 == 0; FP4 is named, not guarded
     assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
 
@@ -187,7 +187,7 @@ def test_models_without_affected_layers_never_probe(zoo_cache, monkeypatch):
     monkeypatch.setattr(nf4_cpu_guard, "bitsandbytes_cpu_probe", no_probe)
     model, _ = load_zoo_model("qwen2", cache_dir=zoo_cache)
     assert guard_4bit_layers(model) == []
-    aligned = torch.nn.Sequential(bnb.nn.Linear4bit(128, 48, quant_type="nf4")).to("cpu")
+    aligned = torch.nn.Sequential(bnb.nn.Linear4bit(128, 64, quant_type="nf4")).to("cpu")
     assert guard_4bit_layers(aligned) == []
 
 
@@ -299,3 +299,43 @@ def test_8bit_layers_are_right_on_this_host():
     # the int8 product is exact; its rescaling runs in fp16: two fp16 ulps
     torch.testing.assert_close(evaluated.reshape(-1, 344).double(), expected_eval, rtol=2 * 2**-10, atol=2 * 2**-10)
     assert (evaluated - dense(x)).abs().max() < 0.05  # and near the float layer (int8 rounding)
+
+
+def test_bitsandbytes_inference_repacking_is_off_for_guarded_models(bnb_routing):
+    """bitsandbytes repacks CPU 4-bit weights on the first eval-mode no-grad forward where the CPU
+    has avx512_bf16: it asserts the output size is a multiple of 32 (Qwen2.5-VL-7B's vision MLP has
+    3420 outputs), and a repacked layer cannot train any more (Unsloth's vision notebooks generate
+    before training). Guarded models never repack: eval and training after it give bitsandbytes'
+    plain maths; unguarding gives the repacking back."""
+    def layer(out_features=112):
+        torch.manual_seed(0)
+        m = bnb.nn.Linear4bit(128, out_features, bias=True, quant_type="nf4", compress_statistics=True).to("cpu")
+        m.support_avx512bf16_for_cpu = True  # as on such a host
+        return m
+
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(AssertionError, match="N must be divisible by block_n"), torch.no_grad():
+        layer().eval()(x)
+    repacked = layer(96)
+    with torch.no_grad():
+        repacked.eval()(x)
+    assert repacked.weight.quant_state.packing_format_for_cpu  # and stays so in train mode
+    with bnb_routing.native(), cpu_dequantize_4bit_kernel(bitsandbytes_torch_dequantize_4bit):
+        reference = layer()
+        reference.support_avx512bf16_for_cpu = False  # the plain dequantise-and-matmul path
+        expected = reference(x)
+    guarded = torch.nn.Sequential(layer())
+    assert guard_4bit_layers(guarded, probe=DequantizeProbe("correct", 0.0)) == []  # aligned rows: bitsandbytes' maths
+    assert guarded[0].support_avx512bf16_for_cpu is False
+    guarded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(guarded(x), expected.detach(), rtol=1e-6, atol=1e-6)
+    assert not getattr(guarded[0].weight.quant_state, "packing_format_for_cpu", False)
+    guarded.train()
+    guarded[0].bias.requires_grad_(True)
+    out = guarded(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert guarded[0].bias.grad is not None
+    unguard_4bit_layers(guarded)
+    assert guarded[0].support_avx512bf16_for_cpu is True

@@ -14,6 +14,15 @@ dequantisation in the first place.
 This skips one bitsandbytes side effect on those layers: its CPU inference repacking
 (``packing_format_for_cpu`` on the first no-grad forward), which cannot represent such rows anyway.
 
+That repacking is switched off for every CPU 4-bit layer of the model (``support_avx512bf16_for_cpu``
+set to False on the instance), on every host whose CPU has avx512_bf16 (where bitsandbytes
+repacks), whatever the probe says. It has two faults there: it asserts that the output size is a
+multiple of 32, so a layer such as Qwen2.5-VL-7B's vision MLP (3420 outputs) fails in the first
+eval-mode, no-grad forward; and a repacked weight stays repacked, so training after inference
+(Unsloth's vision notebooks generate before they train) fails inside bitsandbytes' matmul. The
+layers then compute as in training: dequantise and multiply (inference on CPU is slower than with
+bitsandbytes' AVX512-bf16 kernel, and right).
+
 What stays bitsandbytes' and is named in the one warning per model: FP4 layers (our kernel is NF4
 only) and PEFT's in-place ``merge_adapter`` / ``merge_and_unload`` of 4-bit layers (they call
 bitsandbytes' dequantisation directly; ``save_pretrained_merged`` does not).
@@ -44,18 +53,24 @@ def guard_4bit_layers(model: nn.Module, probe: DequantizeProbe | None = None) ->
     Affected: bitsandbytes 4-bit layers whose weight is on the CPU and whose rows are not a
     multiple of the blocksize (a model on a GPU is left alone: call this again after moving one
     to the CPU). Idempotent: a model already guarded keeps its guard. ``probe`` defaults to this
-    host's, which runs only when the model has such layers.
+    host's, which runs only when the model has such layers. On avx512_bf16 hosts every CPU 4-bit
+    layer also loses bitsandbytes' inference repacking (see the module docstring).
     """
     root = _root(model)
     if _GUARD_ATTR in root.__dict__:
-        return [name for name, _ in root.__dict__[_GUARD_ATTR]]
-    candidates = [(name, module) for name, module in model.named_modules() if _is_affected(module)]
-    if not candidates:
-        return []
-    probe = probe if probe is not None else bitsandbytes_cpu_probe()
-    if not probe.wrong:
-        return []
-    guarded, unfixable, records = [], [], []
+        return list(root.__dict__[_GUARD_ATTR][0])
+    modules = list(model.named_modules())
+    records: list = []
+    repacking = [module for _, module in modules if _repacks_for_inference(module)]
+    for module in repacking:
+        records.append((module, "support_avx512bf16_for_cpu", True))
+        module.support_avx512bf16_for_cpu = False
+    candidates = [(name, module) for name, module in modules if _is_affected(module)]
+    guarded, unfixable = [], []
+    if candidates:
+        probe = probe if probe is not None else bitsandbytes_cpu_probe()
+        if not probe.wrong:
+            candidates = []
     for name, module in candidates:
         name = name or type(module).__name__  # a bare layer is its own root
         if module.weight.quant_state.quant_type != "nf4":
@@ -63,14 +78,21 @@ def guard_4bit_layers(model: nn.Module, probe: DequantizeProbe | None = None) ->
             continue
         _bind(module, _guarded_forward, records)
         guarded.append(name)
-    root.__dict__[_GUARD_ATTR] = list(zip(guarded, records))
-    _warn(probe, guarded, unfixable)
+    if records:
+        root.__dict__[_GUARD_ATTR] = (guarded, records)
+    if repacking:
+        logger.info("bitsandbytes' CPU inference repacking is off for %d 4-bit layers of this model: it breaks "
+                    "training after an eval-mode forward and cannot hold output sizes that are not multiples of 32.",
+                    len(repacking))
+    if guarded or unfixable:
+        _warn(probe, guarded, unfixable)
     return guarded
 
 
 def unguard_4bit_layers(model: nn.Module) -> None:
-    """Give the guarded layers their bitsandbytes forward back."""
-    _unbind([record for _, record in _root(model).__dict__.pop(_GUARD_ATTR, [])])
+    """Give the guarded layers their bitsandbytes forward (and inference repacking) back."""
+    _, records = _root(model).__dict__.pop(_GUARD_ATTR, ([], []))
+    _unbind(records)
 
 
 def _guarded_forward(self, x, *args, **kwargs):
@@ -105,6 +127,13 @@ def _is_affected(module: nn.Module) -> bool:
     if state is None or module.weight.device.type != "cpu" or not state.shape:
         return False
     return int(state.shape[-1]) % int(state.blocksize) != 0
+
+
+def _repacks_for_inference(module: nn.Module) -> bool:
+    """A CPU 4-bit layer bitsandbytes would repack on its first eval-mode no-grad forward."""
+    if not type(module).__module__.startswith("bitsandbytes") or not getattr(module, "support_avx512bf16_for_cpu", False):
+        return False
+    return getattr(module.weight, "quant_state", None) is not None and module.weight.device.type == "cpu"
 
 
 def _warn(probe: DequantizeProbe, guarded: list[str], unfixable: list[str]) -> None:
