@@ -219,3 +219,16 @@ def test_a_processor_import_error_names_the_extra(zoo_cache, monkeypatch):
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
     with pytest.raises(ImportError, match=r"requires the Torchvision library.*unsloth_like\[vision\]"):
         _load("qwen2_vl", zoo_cache, load_in_4bit=False)
+
+
+def test_generate_inputs_keep_what_each_forward_takes(zoo_cache):
+    from unsloth_like.models.vision import adapt_vision_inputs
+
+    pixels = torch.zeros(2, 3)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for name, kept in (("qwen2_vl", {"mm_token_type_ids"}), ("gemma3", {"token_type_ids"}), ("mllama", set())):
+        model, _ = _load(name, zoo_cache, load_in_4bit=False, dtype=torch.bfloat16)
+        adapted = adapt_vision_inputs(model, {"input_ids": ids, "pixel_values": pixels, "token_type_ids": ids,
+                                              "mm_token_type_ids": ids})
+        assert adapted["pixel_values"].dtype == torch.bfloat16 and adapted["input_ids"].dtype == torch.long
+        assert {"token_type_ids", "mm_token_type_ids"} & set(adapted) == kept, name
