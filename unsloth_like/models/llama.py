@@ -11,7 +11,8 @@ upstream computes, through our kernels:
   implementation the model was loaded with (SDPA by default; flash-attention when configured),
   through transformers' own attention-function registry, so masks, padding, packed sequences
   and the KV cache behave as upstream;
-* gated MLP -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (GeGLU with tanh-GELU for Gemma).
+* gated MLP -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (GeGLU with tanh-GELU for Gemma);
+* a VLM's ``nn.LayerNorm`` modules (its vision tower's) -> ``kernels.layer_norm``.
 
 Projections under LoRA take the fused path (``kernels.lora``: QKV in one read of X, O, and the
 whole gated MLP) whenever ``lora_fusion`` finds it an exact replacement for PEFT's modules;
@@ -24,7 +25,7 @@ import sys
 
 import torch
 
-from ..kernels import apply_rope, geglu, rms_norm, swiglu
+from ..kernels import apply_rope, geglu, layer_norm, rms_norm, swiglu
 from .lora_fusion import fused_mlp, fused_o, fused_qkv
 from .registry import PatchSpec
 
@@ -41,6 +42,11 @@ def make_rms_norm_forward(spec: PatchSpec):
         def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
             return rms_norm(hidden_states, self.weight, self.eps, spec.norm_offset)
     return rms_norm_forward
+
+
+def layer_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``nn.LayerNorm`` over the last dimension (vision towers of the VLM families)."""
+    return layer_norm(hidden_states, self.weight, self.bias, self.eps)
 
 
 def make_mlp_forward(activation: str):

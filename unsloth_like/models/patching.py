@@ -15,9 +15,9 @@ import types
 from torch import nn
 
 from .causal_lm import make_causal_lm_forward
-from .llama import MLP_ACTIVATIONS, make_attention_forward, make_mlp_forward, make_rms_norm_forward
+from .llama import MLP_ACTIVATIONS, layer_norm_forward, make_attention_forward, make_mlp_forward, make_rms_norm_forward
 from .lora_fusion import MLP, QKV, attach_fusion_log, detach_fusion_log, fusion_report
-from .registry import PatchSpec, spec_for
+from .registry import PatchSpec, spec_for, vision_spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def patch_model(model: nn.Module) -> PatchSpec | None:
     activation = _mlp_activation(root.config.get_text_config())
     norm_forward, attention_forward = make_rms_norm_forward(spec), make_attention_forward(spec)
     mlp_forward = make_mlp_forward(MLP_ACTIVATIONS[activation]) if activation in MLP_ACTIVATIONS else None
+    vision = vision_spec_for(model_type) is not None
     for module in root.modules():
         name = type(module).__name__
         if name == spec.norm:
@@ -56,6 +57,8 @@ def patch_model(model: nn.Module) -> PatchSpec | None:
             _bind(module, attention_forward, records)
         elif name == spec.mlp and mlp_forward is not None:
             _bind(module, mlp_forward, records)
+        elif vision and type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
+            _bind(module, layer_norm_forward, records)  # the vision tower's: an exact kernel
     attach_fusion_log(lora_groups(model))
     if mlp_forward is None:
         logger.warning("hidden_act %r has no fused kernel here; the MLP runs upstream code.", activation)
