@@ -363,3 +363,24 @@ def test_fp16_chosen_for_a_gpu_without_bf16_refuses_a_bf16_model(precision_shim,
     assert handoff._CHOSEN_PRECISION not in explicit.__dict__  # an explicit choice is the user's
     handoff.check_chosen_precision(explicit, bf16_model)
     assert handoff._CHOSEN_PRECISION not in config.to_dict()
+
+
+def test_fp16_chosen_for_a_gpu_without_bf16_becomes_fp32_for_gemma3(precision_shim, tmp_path, monkeypatch):
+    """Gemma 3's activations overflow fp16: where the hand-off chose fp16 (a T4), a Gemma 3 model
+    trains in fp32 (a config copy); a user's explicit fp16=True and other models are left alone."""
+    import torch
+    import transformers
+
+    monkeypatch.setattr(handoff, "default_precision", lambda use_cpu=False: (False, False))
+    config = trl.SFTConfig(output_dir=str(tmp_path))
+    config.__dict__[handoff._CHOSEN_PRECISION] = (False, True)  # what a T4 gets
+    config.fp16 = True
+    gemma = torch.nn.Linear(4, 4)
+    gemma.config = transformers.Gemma3Config(text_config={"num_hidden_layers": 1}, vision_config={"num_hidden_layers": 1})
+    updates = handoff.fp32_for_fp16_overflows({"args": config, "model": gemma})
+    assert updates["args"].fp16 is False and config.fp16 is True
+    other = torch.nn.Linear(4, 4)
+    other.config = transformers.Qwen2Config()
+    assert handoff.fp32_for_fp16_overflows({"args": config, "model": other}) == {}
+    explicit = trl.SFTConfig(output_dir=str(tmp_path), bf16=False)
+    assert handoff.fp32_for_fp16_overflows({"args": explicit, "model": gemma}) == {}

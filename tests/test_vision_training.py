@@ -232,3 +232,14 @@ def test_generate_inputs_keep_what_each_forward_takes(zoo_cache):
                                               "mm_token_type_ids": ids})
         assert adapted["pixel_values"].dtype == torch.bfloat16 and adapted["input_ids"].dtype == torch.long
         assert {"token_type_ids", "mm_token_type_ids"} & set(adapted) == kept, name
+
+
+def test_gemma3_defaults_to_fp32_where_the_gpu_would_give_fp16():
+    import transformers
+
+    from unsloth_like.models.loader import _family_dtype
+
+    gemma = transformers.Gemma3Config(text_config={"num_hidden_layers": 1}, vision_config={"num_hidden_layers": 1})
+    assert _family_dtype(gemma, torch.float16) is torch.float32  # a T4: no bf16
+    assert _family_dtype(gemma, torch.bfloat16) is torch.bfloat16
+    assert _family_dtype(transformers.Qwen2Config(), torch.float16) is torch.float16

@@ -38,7 +38,8 @@ hardware does, as Unsloth does: bf16 on a CUDA GPU that has it (TRL's own choice
 precision on a CUDA GPU without it, full fp32 on the CPU (no CUDA, or ``use_cpu=True``); on other
 accelerators (XPU, MPS, ...) TRL's default stays. A config with either flag given goes to TRL's
 ``__post_init__`` untouched. When fp16 was chosen (a GPU without bf16) and ``SFTTrainer`` gets a
-model with bfloat16 weights, the wrapper above refuses it, saying what to load instead.
+model with bfloat16 weights, the wrapper above refuses it, saying what to load instead; for a
+model whose activations overflow fp16 (Gemma 3) it trains in fp32 instead, on a config copy.
 ``transformers.TrainingArguments`` defaults both flags to ``False`` (fp32), which runs
 everywhere; it is left alone. Installed by ``from_pretrained`` with the legacy keywords;
 ``uninstall_precision_default()`` restores TRL's function.
@@ -111,7 +112,9 @@ def install_legacy_sft_keywords() -> bool:
         if legacy:
             arguments.update(translate_legacy_sft_keywords(arguments, legacy))
         check_chosen_precision(arguments.get("args"), arguments.get("model"))
-        updates = vision_collator_settings(arguments)
+        updates = fp32_for_fp16_overflows(arguments)
+        arguments.update(updates)
+        updates.update(vision_collator_settings(arguments))
         arguments.update(updates)
         updates.update(without_duplicate_bos(arguments))
         if not legacy and not updates:
@@ -207,6 +210,25 @@ def check_chosen_precision(config, model) -> None:
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):
         raise ValueError("This GPU has no bf16, so training runs in fp16 mixed precision, but the model's weights "
                          "are bfloat16; load the model with dtype=None (float16 on this GPU) or dtype=torch.float16.")
+
+
+def fp32_for_fp16_overflows(arguments: dict) -> dict:
+    """Where this hand-off chose fp16 (a GPU without bf16) for a model whose activations overflow
+    fp16 (Gemma 3; ``models.loader.FP16_OVERFLOWS``, which the loader already gives fp32 weights):
+    a copy of the config in fp32, as Unsloth's float32 mixed precision does. A user's own
+    ``fp16=True`` is left as given."""
+    from .models.loader import FP16_OVERFLOWS
+
+    config, model = arguments.get("args"), arguments.get("model")
+    if config is None or getattr(config, "__dict__", {}).get(_CHOSEN_PRECISION) != (False, True) or model is None:
+        return {}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FP16_OVERFLOWS:
+        return {}
+    logger.warning("%s overflows in float16 mixed precision: training in float32 on this GPU without bf16.", model_type)
+    config = copy.copy(config)
+    config.fp16 = False
+    return {"args": config}
 
 
 @functools.cache

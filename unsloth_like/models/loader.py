@@ -164,6 +164,8 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
                          "load it with FastLanguageModel.from_pretrained.")
     if vision:
         check_vision_dependencies()
+    if dtype is None:
+        torch_dtype = _family_dtype(config, torch_dtype)
     _apply_rope_scaling(config, max_seq_length, rope_scaling)
     load_kwargs = {
         "config": config, "dtype": torch_dtype, "token": token, "revision": revision,
@@ -302,6 +304,20 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     if device != "cpu" and dtype is torch.bfloat16 and not is_bfloat16_supported():
         raise ValueError(f"{torch.cuda.get_device_name()} has no native bf16; use dtype=torch.float16 (or None).")
     return dtype
+
+
+# Families whose activations overflow fp16 (Gemma 3's grow past 65504): on a GPU without bf16 the
+# default dtype is fp32 for them, as Unsloth's float32 mixed precision does.
+FP16_OVERFLOWS = ("gemma3", "gemma3_text")
+
+
+def _family_dtype(config, default: torch.dtype) -> torch.dtype:
+    """The default dtype (``dtype=None``) for this model: fp32 instead of fp16 for ``FP16_OVERFLOWS``."""
+    if default is torch.float16 and config.model_type in FP16_OVERFLOWS:
+        logger.warning("%s overflows in float16 and this GPU has no bfloat16: loading it in float32 (pass "
+                       "dtype=torch.float16 to force half precision).", config.model_type)
+        return torch.float32
+    return default
 
 
 def _resolve_source(model_name) -> _Source:
