@@ -240,3 +240,22 @@ def test_image_loading_rejects_unknown_types():
     buffer = io.BytesIO()
     make_images(1)[0].convert("L").save(buffer, format="PNG")
     assert load_image(buffer.getvalue()).mode == "RGB"
+
+
+def test_videos_as_frames_train_and_their_placeholders_are_masked(loaded, tmp_path):
+    model, processor = loaded("qwen2_vl")
+    frames = make_images(2, (56, 56), seed=3)
+    example = {"messages": [
+        {"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What moves?"}]},
+        {"role": "assistant", "content": "A square."}]}
+    batch = UnslothVisionDataCollator(model, processor)([example, _conversation("Q?", "A.", make_images(1)[0])])
+    vocab = processor.tokenizer.get_vocab()
+    video_pad = vocab["<|video_pad|>"]
+    assert batch["video_grid_thw"].tolist() == [[1, 4, 4]]  # 2 frames = one temporal patch of 4x4
+    assert (batch["input_ids"][0] == video_pad).sum() == 4 and (batch["labels"][batch["input_ids"] == video_pad] == -100).all()
+    assert "pixel_values" in batch and "pixel_values_videos" in batch
+    model.train()
+    assert torch.isfinite(model(**batch).loss)
+    missing = {"messages": [{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "clip.mp4")}]}]}
+    with pytest.raises(FileNotFoundError, match="sample 0, video 0: video file .*clip.mp4 does not exist"):
+        UnslothVisionDataCollator(model, processor)([missing])

@@ -10,6 +10,11 @@ Each example is a conversation, in any of the shapes Unsloth's notebooks and TRL
 * ``{"prompt": [...], "completion": [...]}`` (conversational prompt/completion), where with
   ``completion_only_loss`` (the default) only the completion is trained on.
 
+Videos go in messages as ``{"type": "video", "video": [frame, frame, ...]}`` (frames as images
+are given: PIL, paths, bytes...; resized like images) or as a path or URL to a video file, which
+the processor decodes (that needs a video backend such as torchcodec or PyAV); a local file that
+is not there is an error, never an empty video.
+
 A message whose ``content`` is a string is taken as one text part, and keys whose value is None
 (Arrow fills missing struct fields with None) are dropped. The batch is one processor call over
 the rendered chat templates and the images (resized as ``resize`` says), padded on the right.
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -119,13 +126,11 @@ class UnslothVisionDataCollator:
             examples = [self._rows[e[ROW_KEY]] if isinstance(e, dict) and ROW_KEY in e else e for e in examples]
         if self.formatting_func is not None:
             examples = [self.formatting_func(example) for example in examples]
-        conversations = [self._conversation(example, i) for i, example in enumerate(examples)]
-        texts = [self._render(messages) for messages, _, _ in conversations]
-        images = [[self._resize(image) for image in sample_images] for _, _, sample_images in conversations]
-        batch = self._process(texts, images)
+        samples = [self._sample(example, i) for i, example in enumerate(examples)]
+        batch = self._process([self._render(sample.messages) for sample in samples], samples)
         prompt_lengths = None
-        if self.completion_only_loss and any(prompt is not None for _, prompt, _ in conversations):
-            prompt_lengths = self._prompt_lengths(conversations, texts, images)
+        if self.completion_only_loss and any(sample.prompt is not None for sample in samples):
+            prompt_lengths = self._prompt_lengths(samples)
         batch["labels"] = self._labels(batch, prompt_lengths)
         batch = self._truncate(batch)
         for key in ("pixel_values", "pixel_values_videos"):
@@ -133,8 +138,8 @@ class UnslothVisionDataCollator:
                 batch[key] = batch[key].to(self.dtype)
         return dict(batch)
 
-    def _conversation(self, example, index: int):
-        """``(messages, prompt messages or None, images)`` of one example, images loaded."""
+    def _sample(self, example, index: int) -> "_Sample":
+        """One example's conversation (and prompt, for prompt/completion pairs), media loaded."""
         prompt = None
         if isinstance(example, dict) and "prompt" in example and "completion" in example:
             prompt = _normalise(example["prompt"], index)
@@ -147,12 +152,28 @@ class UnslothVisionDataCollator:
             keys = sorted(example) if isinstance(example, dict) else type(example).__name__
             raise ValueError(f"Sample {index} has no conversation: expected 'messages', 'conversations' or "
                              f"'prompt'+'completion', got {keys}.")
-        top_level = _top_level_images(example)
-        images = _attach_images(messages, top_level, index)
+        images = _attach_images(messages, _top_level_images(example), index)
         if prompt is not None:
             prompt = messages[:len(prompt)]
-        where = f"sample {index}"
-        return messages, prompt, [load_image(image, where=f"{where}, image {k}") for k, image in enumerate(images)]
+        images = [self._resize(load_image(image, where=f"sample {index}, image {k}")) for k, image in enumerate(images)]
+        videos = [self._video(part.get("video"), f"sample {index}, video {k}")
+                  for k, part in enumerate(_parts(messages, ("video",)))]
+        return _Sample(messages, prompt, images, videos)
+
+    def _video(self, video, where: str):
+        """A video part's value: its frames loaded and resized, or a file path/URL for the processor."""
+        if isinstance(video, (list, tuple)):
+            if not video:
+                raise ValueError(f"{where} has no frames.")
+            return [self._resize(load_image(frame, where=f"{where}, frame {i}")) for i, frame in enumerate(video)]
+        if isinstance(video, str):
+            if not video.startswith(("http://", "https://")):
+                path = Path(video[len("file://"):] if video.startswith("file://") else video).expanduser()
+                if not path.is_file():
+                    raise FileNotFoundError(f"{where}: video file {path} does not exist.")
+                return str(path)
+            return video
+        raise TypeError(f"{where} is a {type(video).__name__}; give a list of frames or a video file path/URL.")
 
     def _render(self, messages) -> str:
         return self.processor.apply_chat_template(_without_payloads(messages), tokenize=False,
@@ -166,10 +187,12 @@ class UnslothVisionDataCollator:
             image = resize_image(image, snapped)
         return image
 
-    def _process(self, texts, images):
+    def _process(self, texts, samples):
         kwargs = {"text": texts, "padding": True, "return_tensors": "pt", "add_special_tokens": False}
-        if any(images):
-            kwargs["images"] = images
+        if any(sample.images for sample in samples):
+            kwargs["images"] = [sample.images for sample in samples]
+        if any(sample.videos for sample in samples):
+            kwargs["videos"] = [video for sample in samples for video in sample.videos]
         if self.pad_to_multiple_of is not None:
             kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
         side = self.tokenizer.padding_side
@@ -179,20 +202,21 @@ class UnslothVisionDataCollator:
         finally:
             self.tokenizer.padding_side = side
 
-    def _prompt_lengths(self, conversations, texts, images) -> list[int | None]:
+    def _prompt_lengths(self, samples) -> list[int | None]:
         lengths = []
-        for i, ((_, prompt, _), text) in enumerate(zip(conversations, texts)):
-            if prompt is None:
+        for i, sample in enumerate(samples):
+            if sample.prompt is None:
                 lengths.append(None)
                 continue
-            prompt_text = self.processor.apply_chat_template(_without_payloads(prompt), tokenize=False,
+            prompt_text = self.processor.apply_chat_template(_without_payloads(sample.prompt), tokenize=False,
                                                              add_generation_prompt=True)
-            if not text.startswith(prompt_text):
+            if not self._render(sample.messages).startswith(prompt_text):
                 raise ValueError(f"Sample {i}: the chat template renders the prompt with a generation prompt "
                                  "differently from the start of the whole conversation, so the completion cannot "
                                  "be located; pass completion_only_loss=False or use 'messages'.")
-            prompt_images = images[i][:_count_images(prompt)]
-            encoded = self._process([prompt_text], [prompt_images])
+            prompt_sample = _Sample(sample.prompt, None, sample.images[:len(_parts(sample.prompt, _IMAGE_TYPES))],
+                                    sample.videos[:len(_parts(sample.prompt, ("video",)))])
+            encoded = self._process([prompt_text], [prompt_sample])
             lengths.append(int(encoded["attention_mask"].sum()))
         return lengths
 
@@ -265,18 +289,26 @@ def _top_level_images(example) -> list | None:
     return None
 
 
-def _image_parts(messages) -> list[dict]:
+@dataclass
+class _Sample:
+    messages: list[dict]
+    prompt: list[dict] | None
+    images: list
+    videos: list
+
+
+_IMAGE_TYPES = ("image", "image_url")
+
+
+def _parts(messages, types: tuple[str, ...]) -> list[dict]:
+    """The content parts of ``types`` in ``messages``, in order."""
     return [part for message in messages if isinstance(message.get("content"), list)
-            for part in message["content"] if isinstance(part, dict) and part.get("type") in ("image", "image_url")]
-
-
-def _count_images(messages) -> int:
-    return len(_image_parts(messages))
+            for part in message["content"] if isinstance(part, dict) and part.get("type") in types]
 
 
 def _attach_images(messages, top_level: list | None, index: int) -> list:
     """The images of one conversation, in order; placeholders filled from ``top_level``."""
-    parts = _image_parts(messages)
+    parts = _parts(messages, _IMAGE_TYPES)
     if top_level is None:
         images = []
         for part in parts:
@@ -300,13 +332,21 @@ def _attach_images(messages, top_level: list | None, index: int) -> list:
     return top_level
 
 
+def _marker(part):
+    if isinstance(part, dict) and part.get("type") in _IMAGE_TYPES:
+        return {"type": "image"}
+    if isinstance(part, dict) and part.get("type") == "video":
+        return {"type": "video"}
+    return part
+
+
 def _without_payloads(messages) -> list[dict]:
-    """The messages with image parts reduced to ``{"type": "image"}`` (templates need only the marker)."""
+    """The messages with media parts reduced to ``{"type": "image"|"video"}`` (templates need only
+    the marker)."""
     stripped = copy.copy(messages)
     for i, message in enumerate(stripped):
         if isinstance(message.get("content"), list):
-            stripped[i] = {**message, "content": [{"type": "image"} if isinstance(p, dict) and p.get("type") in
-                                                  ("image", "image_url") else p for p in message["content"]]}
+            stripped[i] = {**message, "content": [_marker(p) for p in message["content"]]}
     return stripped
 
 
