@@ -243,3 +243,18 @@ def test_gemma3_defaults_to_fp32_where_the_gpu_would_give_fp16():
     assert _family_dtype(gemma, torch.float16) is torch.float32  # a T4: no bf16
     assert _family_dtype(gemma, torch.bfloat16) is torch.bfloat16
     assert _family_dtype(transformers.Qwen2Config(), torch.float16) is torch.float16
+
+
+def test_directories_with_unsloths_patched_processor_class_load(zoo_cache, tmp_path):
+    import json
+    import shutil
+
+    source = zoo_model_dir("qwen2_vl", zoo_cache)
+    shutil.copytree(source, tmp_path / "old_unsloth_save")
+    config_file = tmp_path / "old_unsloth_save" / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["processor_class"] = "_Unsloth_Patched_Qwen2VLProcessor"
+    config_file.write_text(json.dumps(config))
+    _, processor = FastVisionModel.from_pretrained(str(tmp_path / "old_unsloth_save"), load_in_4bit=False)
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.image_processor is not None
+    assert "_Unsloth_Patched_" in config_file.read_text()  # the user's files are left as they were

@@ -13,18 +13,23 @@ models lives here:
   instance of the model and pass their full paths, which transformers matches as it is.
 * the processor: ``AutoProcessor`` with an image processor, the tokenizer's chat template when
   the processor has none, and the tokenizer's special tokens mirrored on the processor (users
-  call the processor ``tokenizer`` and read ``tokenizer.eos_token``);
+  call the processor ``tokenizer`` and read ``tokenizer.eos_token``); directories saved by older
+  Unsloth releases, whose ``processor_class`` reads ``_Unsloth_Patched_<Class>``, load too;
 * ``generate`` inputs: pixel tensors cast to the model's dtype, token-type ids dropped where the
   model's forward takes none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 import logging
+import shutil
+import tempfile
 import types
+from pathlib import Path
 
 import torch
 
@@ -76,12 +81,21 @@ def modules_named(model: torch.nn.Module, names: tuple[str, ...]) -> list[str]:
     return found
 
 
+# Files a processor is saved as (transformers 5 writes processor_config.json with the image/video
+# processors nested; older releases and other tools read the standalone ones).
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+_UNSLOTH_PREFIX = "_Unsloth_Patched_"  # what Unsloth once wrote into processor_class (its issue #4085)
+
+
 def load_processor(source: str, **kwargs):
     """``AutoProcessor.from_pretrained(source)``, checked to handle images, with a chat template."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        with _without_unsloth_prefix(source) as directory:
+            processor = AutoProcessor.from_pretrained(directory, **kwargs)
     except ImportError as error:  # e.g. "Qwen2VLVideoProcessor requires the Torchvision library"
         raise ImportError(f"Loading the processor of {source} failed: {str(error).splitlines()[0]} "
                           f"Install the vision extra: {VISION_EXTRA}.") from error
@@ -92,6 +106,27 @@ def load_processor(source: str, **kwargs):
     if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None):
         processor.chat_template = tokenizer.chat_template
     return processor
+
+
+@contextlib.contextmanager
+def _without_unsloth_prefix(source: str):
+    """``source``, or, when its processor files name a ``_Unsloth_Patched_*`` processor class
+    (which transformers cannot resolve: it would load a bare tokenizer), a temporary copy of those
+    files with the prefix removed. The user's files are not changed."""
+    directory = Path(source)
+    files = [directory / name for name in PROCESSOR_FILES if (directory / name).is_file()] if directory.is_dir() else []
+    if not any(_UNSLOTH_PREFIX in path.read_text(errors="ignore") for path in files if path.suffix == ".json"):
+        yield source
+        return
+    logger.info("%s names an Unsloth-patched processor class; loading it under transformers' own name.", source)
+    with tempfile.TemporaryDirectory() as copy:
+        for path in files:
+            target = Path(copy) / path.name
+            if path.suffix == ".json":
+                target.write_text(path.read_text().replace(_UNSLOTH_PREFIX, ""))
+            else:
+                shutil.copy2(path, target)
+        yield copy
 
 
 def mirror_special_tokens(processor) -> None:

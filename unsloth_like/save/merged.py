@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..chat_templates import stop_on_tokenizer_eos
-from ..models.vision import is_vision_config, keep_unquantized_modules
+from ..models.vision import PROCESSOR_FILES, is_vision_config, keep_unquantized_modules
 from .merge import ShardWriter, plan_merge
 from .sources import merged_entries
 from .staging import remove_abandoned, staging_name
@@ -188,14 +188,6 @@ def _save_tokenizer(tokenizer, staging: Path, source: str | None = None) -> None
     tokenizer.save_pretrained(staging)
     if getattr(tokenizer, "image_processor", None) is not None:
         save_processor_files(tokenizer, staging, source)
-
-
-# What consumers of a vision-language checkpoint read besides processor_config.json: transformers 4,
-# vLLM and llama.cpp's mmproj converter read the standalone image/video preprocessor configs, slow
-# tokenizers read vocab.json/merges.txt or tokenizer.model.
-PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def save_processor_files(processor, staging: Path, source: str | None) -> None:
