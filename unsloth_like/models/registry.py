@@ -6,8 +6,8 @@ not registered loads unpatched through ``FastModel`` and trains with upstream co
 
 A vision-language family is one ``register_vision`` call: the ``PatchSpec`` of its language
 decoder (which gets our kernels, as a text model does) plus what the vision path needs to know
-about its layout (``VisionSpec``). Its vision tower keeps upstream code, except for norm classes
-it shares with the decoder, whose kernel is an exact replacement.
+about it (``VisionSpec``). Its vision tower keeps upstream code except its norms (``nn.LayerNorm``,
+or the decoder's RMSNorm class where it shares it), whose kernels are exact replacements.
 """
 
 from __future__ import annotations
@@ -60,11 +60,18 @@ def spec_for(model_type: str) -> PatchSpec | None:
 @dataclass(frozen=True)
 class VisionSpec:
     """A vision-language family (the ``model_type`` of its top-level config): ``text`` patches its
-    language decoder. What else a family needs (how its parts map to llama.cpp's multimodal
-    projector, ...) joins here as it is built. Which modules stay 16-bit in a quantised load is
-    found on the model itself (``models.vision.keep_unquantized_modules``), for any family."""
+    language decoder. Which modules stay 16-bit in a quantised load is found on the model itself
+    (``models.vision.keep_unquantized_modules``), for any family.
+
+    GGUF export: ``mmproj`` is llama.cpp's ``clip.projector_type`` for the family's vision tower
+    and projector (how its tensors are converted lives in ``save.gguf.mmproj``, keyed by it; the
+    language model's llama.cpp architecture follows from its text config in
+    ``save.gguf.architectures``). A family llama.cpp cannot run has ``mmproj=None`` and
+    ``no_gguf`` says why, in a sentence shown to the user."""
 
     text: PatchSpec
+    mmproj: str | None = None
+    no_gguf: str = ""
 
     @property
     def model_type(self) -> str:
@@ -98,12 +105,15 @@ register(PatchSpec("qwen2", "Qwen2RMSNorm", "Qwen2Attention", "Qwen2MLP", slidin
 register(PatchSpec("qwen3", "Qwen3RMSNorm", "Qwen3Attention", "Qwen3MLP", sliding_window="module", qk_norm=True))
 
 register_vision(VisionSpec(PatchSpec("qwen2_vl", "Qwen2VLRMSNorm", "Qwen2VLAttention", "Qwen2MLP",
-                                     sliding_window="module", softcap_logits=False)))
+                                     sliding_window="module", softcap_logits=False), mmproj="qwen2vl_merger"))
 register_vision(VisionSpec(PatchSpec("qwen2_5_vl", "Qwen2_5_VLRMSNorm", "Qwen2_5_VLAttention", "Qwen2MLP",
-                                     sliding_window="module", softcap_logits=False)))
+                                     sliding_window="module", softcap_logits=False), mmproj="qwen2.5vl_merger"))
 register_vision(VisionSpec(PatchSpec("qwen3_vl", "Qwen3VLTextRMSNorm", "Qwen3VLTextAttention", "Qwen3VLTextMLP",
-                                     qk_norm=True, softcap_logits=False)))
+                                     qk_norm=True, softcap_logits=False), mmproj="qwen3vl_merger"))
 register_vision(VisionSpec(PatchSpec("gemma3", "Gemma3RMSNorm", "Gemma3Attention", "Gemma3MLP", sliding_window="module",
-                                     qk_norm=True, norm_offset=1.0, softcap_logits=False)))
+                                     qk_norm=True, norm_offset=1.0, softcap_logits=False), mmproj="gemma3"))
 register_vision(VisionSpec(PatchSpec("mllama", "MllamaTextRMSNorm", "MllamaTextSelfAttention", "MllamaTextMLP",
-                                     softcap_logits=False)))
+                                     softcap_logits=False),
+                           no_gguf="llama.cpp has no converter or architecture for MllamaForConditionalGeneration "
+                                   "(Llama 3.2 Vision), so it cannot be exported to GGUF; save it with "
+                                   "save_pretrained_merged instead (transformers and vLLM load that directory)."))

@@ -187,3 +187,153 @@ def quantize_file(source: str | Path, target: str | Path, ftype: int, threads: i
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama_model_quantize({source} -> {target}, ftype {ftype}) failed with status {status}.")
+
+
+# --- llama.cpp's multimodal library (libmtmd) with a projector file -------------------------------
+
+
+@functools.cache
+def _quiet_callback():
+    """A no-op ggml log callback (cached: ctypes callbacks must outlive their registration)."""
+    return _llama_cpp().llama_log_callback(lambda level, text, user_data: None)
+
+
+@contextlib.contextmanager
+def load_multimodal(text_path: str | Path, mmproj_path: str | Path, n_ctx: int = 512,
+                    image_min_tokens: int = 0, image_max_tokens: int = 0):
+    """``(Llama, mtmd context)`` for a text GGUF and its projector, on CPU with an F32 KV cache
+    (as ``load``); ``image_min_tokens`` / ``image_max_tokens`` override the projector's limits
+    on image tokens (0: its defaults). Freed on exit."""
+    llama_cpp = _llama_cpp()
+    from llama_cpp import mtmd_cpp
+
+    model = llama_cpp.Llama(model_path=str(text_path), n_ctx=n_ctx, verbose=False, type_k=_GGML_TYPE_F32,
+                            type_v=_GGML_TYPE_F32, n_threads=2, n_batch=n_ctx, n_ubatch=n_ctx)
+    mtmd_cpp.mtmd_log_set(_quiet_callback(), None)  # libmtmd logs every image it encodes; failures still raise
+    mtmd_cpp.mtmd_helper_log_set(_quiet_callback(), None)
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, 2, False, False
+    params.image_min_tokens, params.image_max_tokens = image_min_tokens, image_max_tokens
+    ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), model.model, params)
+    try:
+        if ctx is None:
+            raise RuntimeError(f"libmtmd could not load the projector {mmproj_path} for {text_path}.")
+        yield model, ctx
+    finally:
+        if ctx is not None:
+            mtmd_cpp.mtmd_free(ctx)
+        model.close()
+
+
+def _image_chunks(ctx, text: str, image):
+    """libmtmd's chunks for ``text`` with its media marker (``<__media__>``) standing for the RGB
+    PIL ``image``; the caller frees them with ``mtmd_input_chunks_free``."""
+    from llama_cpp import mtmd_cpp
+
+    pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    buffer = (ctypes.c_uint8 * pixels.size).from_buffer_copy(pixels.tobytes())
+    bitmap = mtmd_cpp.mtmd_bitmap_init(image.width, image.height, buffer)
+    chunks = mtmd_cpp.mtmd_input_chunks_init()
+    encoded = text.encode("utf-8")
+    spec = mtmd_cpp.mtmd_input_text()
+    spec.text, spec.text_len, spec.add_special, spec.parse_special = encoded, len(encoded), False, True
+    try:
+        bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        status = mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(spec), bitmaps, 1)
+        if status != 0:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            raise RuntimeError(f"mtmd_tokenize failed with status {status}.")
+    finally:
+        mtmd_cpp.mtmd_bitmap_free(bitmap)
+    return chunks
+
+
+def media_marker() -> str:
+    from llama_cpp import mtmd_cpp
+
+    return mtmd_cpp.mtmd_default_marker().decode("utf-8")
+
+
+def multimodal_prompt(model, ctx, text: str, image) -> list[tuple[str, object]]:
+    """How libmtmd lays out ``text`` (with ``media_marker()`` where the image goes): a list of
+    ``("text", token ids)`` and ``("image", (n_tokens, grid_x, grid_y))`` chunks."""
+    from llama_cpp import mtmd_cpp
+
+    chunks = _image_chunks(ctx, text, image)
+    try:
+        layout = []
+        for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                count = ctypes.c_size_t()
+                tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                layout.append(("text", [tokens[j] for j in range(count.value)]))
+            else:
+                image_tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_image(chunk)
+                layout.append(("image", (mtmd_cpp.mtmd_image_tokens_get_n_tokens(image_tokens),
+                                         mtmd_cpp.mtmd_image_tokens_get_nx(image_tokens),
+                                         mtmd_cpp.mtmd_image_tokens_get_ny(image_tokens))))
+        return layout
+    finally:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+
+
+def image_embeddings(model, ctx, image) -> np.ndarray:
+    """``(n_image_tokens, width)`` float32: what the projector feeds the language model for
+    ``image`` (Qwen3-VL: the main features followed by each deepstack level's)."""
+    llama_cpp = _llama_cpp()
+    from llama_cpp import mtmd_cpp
+
+    chunks = _image_chunks(ctx, media_marker(), image)
+    try:
+        for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                continue
+            n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+            if mtmd_cpp.mtmd_encode_chunk(ctx, chunk) != 0:
+                raise RuntimeError("mtmd_encode_chunk failed.")
+            width = llama_cpp.llama_model_n_embd_inp(model.model)
+            output = mtmd_cpp.mtmd_get_output_embd(ctx)
+            return np.ctypeslib.as_array(output, shape=(n_tokens * width,)).reshape(n_tokens, width).copy()
+        raise RuntimeError("libmtmd made no image chunk.")
+    finally:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+
+
+def multimodal_logits(model, ctx, text: str, image) -> np.ndarray:
+    """The logits after evaluating ``text`` with ``image`` at its media marker (libmtmd's own
+    evaluation: image embeddings, M-RoPE positions, non-causal image attention where the model
+    has it)."""
+    llama_cpp = _llama_cpp()
+    from llama_cpp import mtmd_cpp
+
+    chunks = _image_chunks(ctx, text, image)
+    try:
+        model.reset()
+        model._ctx.kv_cache_clear()
+        n_past = llama_cpp.llama_pos(0)
+        status = mtmd_cpp.mtmd_helper_eval_chunks(ctx, model.ctx, chunks, 0, 0, model.n_batch, True,
+                                                  ctypes.byref(n_past))
+        if status != 0:
+            raise RuntimeError(f"mtmd_helper_eval_chunks failed with status {status}.")
+        logits = llama_cpp.llama_get_logits_ith(model.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(model.n_vocab(),)).copy()
+    finally:
+        mtmd_cpp.mtmd_input_chunks_free(chunks)
+
+
+def generate_with_image(model, ctx, text: str, image, max_tokens: int = 4) -> list[int]:
+    """Greedy tokens after ``text`` + ``image`` (evaluated as ``multimodal_logits`` does)."""
+    llama_cpp = _llama_cpp()
+
+    logits = multimodal_logits(model, ctx, text, image)
+    tokens = []
+    for _ in range(max_tokens):
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(token), 1)
+        if llama_cpp.llama_decode(model.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed.")
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),)).copy()
+    return tokens

@@ -318,9 +318,11 @@ def get_spec(name: str) -> ZooSpec:
     return spec
 
 
-def zoo_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Directory holding zoo model ``name`` (config, safetensors, tokenizer); built on first use."""
-    spec = get_spec(name)
+def zoo_model_dir(name: str | ZooSpec, cache_dir: str | Path | None = None) -> Path:
+    """Directory holding zoo model ``name`` (config, safetensors, tokenizer); built on first use.
+    ``name`` may also be a ``ZooSpec`` (e.g. a zoo entry with a setting changed by
+    ``dataclasses.replace``), cached under its own key in the same way."""
+    spec = name if isinstance(name, ZooSpec) else get_spec(name)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / spec.cache_key()
     if (target / "config.json").is_file():

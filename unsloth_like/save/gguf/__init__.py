@@ -5,6 +5,8 @@ finetuned model or a transformers checkpoint, with no llama.cpp build.
   ``convert`` (a checkpoint directory);
 * ``methods``: quantisation method names and llama.cpp's per-tensor type mixes;
 * ``architectures`` / ``tokenizer``: metadata and tensor names llama.cpp reads;
+* ``vlm`` / ``mmproj``: vision-language models: the language model's file plus the projector's
+  ``<name>.<F16|BF16>-mmproj.gguf`` (llama.cpp's ``clip`` format, loaded by libmtmd);
 * ``quantize`` / ``kquants``: tensor -> GGML bytes (K-quants in torch);
 * ``writer``: the single-pass, multi-file streaming writer.
 """

@@ -9,6 +9,13 @@ Why the permutation: HF's Llama implementation rotates the two *halves* of each 
 original Meta checkpoints use pairs; HF's conversion script permuted q/k rows into halves, and
 llama.cpp's converter permutes them back. Qwen2/Qwen3 run in llama.cpp with the "NEOX" (halves)
 rotation, so their weights are written as they are.
+
+The language models of vision-language families export here too, under their text config's
+``model_type`` (the projector is ``mmproj.py``'s): Qwen2-VL / Qwen2.5-VL as ``qwen2vl`` and
+Qwen3-VL as ``qwen3vl`` (M-RoPE: ``rope.dimension_sections`` is ``mrope_section`` padded to four,
+as llama.cpp's converter pads it), Gemma 3 as ``gemma3`` (its RMSNorms compute ``x * (1 + w)``,
+so, as the converter does, every ``*norm.weight`` is written as ``w + 1``; the sliding-window
+layers' RoPE base goes to ``rope.freq_base_swa``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ class Architecture:
     model_types: tuple[str, ...]
     arch: gguf.MODEL_ARCH
     permute_qk: bool
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma's (1 + w) norms)
+    mrope: bool = False  # multimodal RoPE: writes rope.dimension_sections
 
 
 ARCHITECTURES = (
@@ -32,6 +41,10 @@ ARCHITECTURES = (
     Architecture(("llama", "mistral"), gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     Architecture(("qwen2",), gguf.MODEL_ARCH.QWEN2, permute_qk=False),
     Architecture(("qwen3",), gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+    # language models of vision-language families (the model_type of their text configs)
+    Architecture(("qwen2_vl_text", "qwen2_5_vl_text"), gguf.MODEL_ARCH.QWEN2VL, permute_qk=False, mrope=True),
+    Architecture(("qwen3_vl_text",), gguf.MODEL_ARCH.QWEN3VL, permute_qk=False, mrope=True),
+    Architecture(("gemma3_text",), gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_shift=1.0),
 )
 _SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -51,10 +64,11 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def rope_parameters(config) -> dict:
-    """RoPE settings in transformers 5's ``rope_parameters`` form, from either config style."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    legacy = getattr(config, "rope_scaling", None) or {}
+def rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """RoPE settings in transformers 5's ``rope_parameters`` form, from either config style; for
+    configs with settings per layer type (Gemma 3), those of ``layer_type``."""
+    params = _for_layer_type(getattr(config, "rope_parameters", None), layer_type)
+    legacy = _for_layer_type(getattr(config, "rope_scaling", None), layer_type)
     for key, value in legacy.items():
         params.setdefault(key, value)
     params.setdefault("rope_type", params.pop("type", "default"))
@@ -64,12 +78,40 @@ def rope_parameters(config) -> dict:
     return params
 
 
+def _for_layer_type(params, layer_type: str) -> dict:
+    params = dict(params or {})
+    if isinstance(params.get(layer_type), dict):
+        return dict(params[layer_type])
+    return {key: value for key, value in params.items() if not isinstance(value, dict)}
+
+
 def check_supported(config) -> None:
     """Refuse, before any work, what llama.cpp would run differently from transformers."""
-    rope = rope_parameters(config)
-    if rope["rope_type"] not in _SUPPORTED_ROPE:
-        raise ValueError(f"GGUF export does not support rope_type {rope['rope_type']!r}; supported: "
-                         f"{', '.join(_SUPPORTED_ROPE)}.")
+    for layer_type in sorted(set(getattr(config, "layer_types", None) or ["full_attention"])):
+        rope = rope_parameters(config, layer_type)
+        if rope["rope_type"] not in _SUPPORTED_ROPE:
+            raise ValueError(f"GGUF export does not support rope_type {rope['rope_type']!r}; supported: "
+                             f"{', '.join(_SUPPORTED_ROPE)}.")
+    architecture = architecture_for(config)
+    if architecture.mrope and not rope_parameters(config).get("mrope_section"):
+        raise ValueError(f"{config.model_type} has no rope_parameters['mrope_section'], which llama.cpp's "
+                         f"{gguf.MODEL_ARCH_NAMES[architecture.arch]} architecture needs.")
+    if architecture.arch == gguf.MODEL_ARCH.GEMMA3:
+        _check_gemma3(config)
+
+
+def _check_gemma3(config) -> None:
+    """What llama.cpp's gemma3 architecture fixes instead of reading from the file."""
+    scalar, dim = getattr(config, "query_pre_attn_scalar", None), head_dim(config)
+    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer (27B) model
+    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else dim
+    if scalar is not None and scalar != expected:
+        raise ValueError(f"This Gemma 3 scales attention by query_pre_attn_scalar={scalar}, but llama.cpp's gemma3 "
+                         f"architecture uses {expected} for a {config.num_hidden_layers}-layer model, so the GGUF "
+                         "would compute different attention.")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError("llama.cpp's gemma3 architecture has no attention logit soft-capping; this config sets "
+                         "attn_logit_softcapping.")
 
 
 def write_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
@@ -89,6 +131,27 @@ def write_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     rope = rope_parameters(config)
     writer.add_rope_freq_base(float(rope["rope_theta"]))  # llama.cpp's default (10000) is wrong for most models
     _write_rope_scaling(writer, rope)
+    architecture = architecture_for(config)
+    if architecture.mrope:  # [temporal, height, width, extra], as llama.cpp's converter pads it
+        sections = [int(s) for s in rope["mrope_section"]][:4]
+        writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
+    if architecture.arch == gguf.MODEL_ARCH.GEMMA3:
+        _write_gemma3(writer, config)
+
+
+def _write_gemma3(writer: gguf.GGUFWriter, config) -> None:
+    """Gemma 3's sliding-window keys: the window and the local layers' RoPE base (as llama.cpp's
+    converter writes them), and which layers are local. Without that last key llama.cpp assumes
+    the published models' 5-local-1-global pattern; it reads a per-layer list when there is one."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+        if layer_types:
+            writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
+    if "sliding_attention" in layer_types:
+        writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def _write_rope_scaling(writer: gguf.GGUFWriter, rope: dict) -> None:
@@ -153,6 +216,8 @@ class TensorNamer:
         return name
 
     def transform(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.architecture.norm_shift and gguf_name.endswith("norm.weight"):
+            return tensor.float() + self.architecture.norm_shift
         if not self.architecture.permute_qk:
             return tensor
         if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):

@@ -13,6 +13,11 @@ nothing is compiled: the conversion and every quantiser run in this process.
 directory (e.g. the output of ``save_pretrained_merged``). ``out_path`` is a ``.gguf`` file
 (one method) or a directory (any number of methods); the Modelfile goes next to the files.
 
+A vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3; pass its processor as
+``tokenizer``) also gets its projector file ``<name>.<F16|BF16>-mmproj.gguf`` (``vlm.py``,
+``mmproj.py``); the returned list ends with it. Llama 3.2 Vision (mllama) and unknown families are
+refused with the reason before any work.
+
 Before any tensor is read: the method names, the architecture, every tensor name, the
 tokenizer, the target files (existing ones are refused unless ``overwrite=True``) and the free
 disk space are checked.
@@ -30,7 +35,8 @@ from ..merge import plan_merge
 from ..sources import checkpoint_entries, merged_entries, model_entries
 from .methods import resolve_methods
 from .tokenizer import vocabulary
-from .writer import check_disk_space, expected_file_bytes, plan_tensors, write_gguf_files
+from .vlm import log_ollama_note, mmproj_path, plan_vlm, vision_projector_kind
+from .writer import check_disk_space, expected_file_bytes, plan_tensors, write_files, write_gguf_files
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +53,13 @@ def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_met
     finetune, a base model) is exported as it is in memory."""
     methods = resolve_methods(quantization_method)
     _check_keywords("save_pretrained_gguf", kwargs)
+    base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    vision = _is_vision(base_config)
+    if vision:
+        vision_projector_kind(base_config)  # mllama and unknown families: refused before any work
     if tokenizer is None:
-        raise ValueError("save_pretrained_gguf needs the tokenizer: a GGUF file carries its vocabulary. "
-                         "Pass tokenizer=tokenizer.")
+        raise ValueError("save_pretrained_gguf needs the tokenizer (the processor, for a vision-language model): a "
+                         "GGUF file carries its vocabulary. Pass tokenizer=tokenizer.")
     if hasattr(model, "get_base_model"):
         plan = plan_merge(model)  # refuses adapters that cannot be merged exactly, before any work
         config = model.get_base_model().config
@@ -64,8 +74,11 @@ def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_met
     stem = _file_stem(directory.name or "model")
     paths = [directory / f"{stem}.{method.upper()}.gguf" for method in methods]
     logger.info("save_pretrained_gguf: exporting %s.", described)
-    return _export(entries, config, tokenizer, methods, paths, overwrite, stem,
-                   directory / "Modelfile" if modelfile else None)
+    model_file = directory / "Modelfile" if modelfile else None
+    if vision:
+        return _export_vlm(entries, config, tokenizer, methods, paths, mmproj_path(directory, stem, entries, config),
+                           overwrite, stem, model_file)
+    return _export(entries, config, tokenizer, methods, paths, overwrite, stem, model_file)
 
 
 def convert(hf_dir, out_path, quantization_method="q8_0", tokenizer=None, overwrite: bool = False,
@@ -82,10 +95,15 @@ def convert(hf_dir, out_path, quantization_method="q8_0", tokenizer=None, overwr
         raise FileNotFoundError(f"{source} holds no safetensors checkpoint (model.safetensors or an index); "
                                 "pass a directory written by save_pretrained / save_pretrained_merged.")
     config = transformers.AutoConfig.from_pretrained(source)
+    vision = _is_vision(config)
+    if vision:
+        vision_projector_kind(config)  # mllama and unknown families: refused before any work
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{source} is a quantised (bitsandbytes/GPTQ/...) checkpoint; convert its 16-bit "
                          "original, or save_pretrained_merged(..., save_method='merged_16bit') first.")
-    tokenizer = tokenizer if tokenizer is not None else transformers.AutoTokenizer.from_pretrained(source)
+    if tokenizer is None:
+        auto = transformers.AutoProcessor if vision else transformers.AutoTokenizer
+        tokenizer = auto.from_pretrained(source)
     out = Path(out_path).expanduser()
     if out.suffix == ".gguf":
         if len(methods) != 1:
@@ -94,8 +112,13 @@ def convert(hf_dir, out_path, quantization_method="q8_0", tokenizer=None, overwr
     else:
         stem = _file_stem(source.name or "model")
         paths, model_file = [out / f"{stem}.{m.upper()}.gguf" for m in methods], out / "Modelfile"
-    return _export(checkpoint_entries(files), config, tokenizer, methods, paths, overwrite, stem,
-                   model_file if modelfile else None)
+    entries = checkpoint_entries(files)
+    if vision:  # the projector next to the text file: "<dir>/model.Q8_0.gguf" -> "<dir>/model.F16-mmproj.gguf"
+        projector_stem = re.sub(rf"\.{re.escape(methods[0])}$", "", stem, flags=re.IGNORECASE) or stem
+        return _export_vlm(entries, config, tokenizer, methods, paths,
+                           mmproj_path(paths[0].parent, projector_stem, entries, config), overwrite, stem,
+                           model_file if modelfile else None)
+    return _export(entries, config, tokenizer, methods, paths, overwrite, stem, model_file if modelfile else None)
 
 
 def _export(entries, config, tokenizer, methods, paths, overwrite, name, modelfile_path) -> list[Path]:
@@ -111,6 +134,31 @@ def _export(entries, config, tokenizer, methods, paths, overwrite, name, modelfi
     if modelfile_path is not None:
         _write_modelfile(modelfile_path, tokenizer, paths[0])
     return written
+
+
+def _export_vlm(entries, config, processor, methods, paths, projector_path, overwrite, name,
+                modelfile_path) -> list[Path]:
+    from ...chat_templates import inference_template
+
+    tokenizer = getattr(processor, "tokenizer", None) or processor
+    template = next((t for t in (getattr(processor, "chat_template", None), getattr(tokenizer, "chat_template", None))
+                     if isinstance(t, str)), None)
+    vocab = vocabulary(tokenizer, config.get_text_config().vocab_size,
+                       inference_template(template) if template else None)
+    outputs = plan_vlm(entries, config, processor, methods, paths, projector_path, vocab, name)
+    _check_targets(paths + [projector_path] + ([modelfile_path] if modelfile_path else []), overwrite)
+    check_disk_space(paths[0].parent, sum(expected_file_bytes(o.plan, o.index) for o in outputs))
+    written = write_files(outputs)
+    if modelfile_path is not None:
+        _write_modelfile(modelfile_path, tokenizer, paths[0])
+    log_ollama_note(paths[0], projector_path)
+    return written
+
+
+def _is_vision(config) -> bool:
+    from ...models.vision import is_vision_config
+
+    return is_vision_config(config)
 
 
 def _write_modelfile(path: Path, tokenizer, gguf_path: Path) -> None:

@@ -9,7 +9,9 @@ walks them in; ``TypeChooser`` depends on that order.
 
 Files are written under a hidden staging name next to the target (``save.staging``: it names the
 host and process, so the next export removes what a killed one left) and renamed into place only
-when complete, so an interrupted export never leaves a file that looks like a valid GGUF.
+when complete, so an interrupted export never leaves a file that looks like a valid GGUF. A
+vision-language model's projector file (``mmproj.py``) has a plan of its own and is written in
+the same pass (``write_files``); all the files are renamed together.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -82,49 +85,86 @@ def nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     return int(np.prod(shape)) // block * size
 
 
-def expected_file_bytes(plan: list[PlannedTensor], index: int) -> int:
+def expected_file_bytes(plan: list[PlannedTensor], index: int = 0) -> int:
     return sum(nbytes(p.entry.shape, p.types[index]) for p in plan) + _HEADER_ALLOWANCE
+
+
+@dataclass
+class OutputFile:
+    """One GGUF file to write: its metadata (``header`` adds the key/values to a writer), and the
+    plan whose tensors it holds, each in ``PlannedTensor.types[index]``."""
+
+    path: Path
+    arch: str  # general.architecture
+    header: Callable[[gguf.GGUFWriter], None]
+    plan: list[PlannedTensor]
+    index: int = 0
+
+
+def text_outputs(plan: list[PlannedTensor], config, vocab: Vocabulary, methods: list[str], paths: list[Path],
+                 name: str, extra: Callable[[gguf.GGUFWriter], None] | None = None) -> list[OutputFile]:
+    """The language-model files: one per method (``paths[i]`` for ``methods[i]``); ``extra`` adds
+    keys the text config does not hold (e.g. Qwen3-VL's deepstack layer count)."""
+    arch = gguf.MODEL_ARCH_NAMES[architecture_for(config).arch]
+
+    def header(method: str):
+        def write(writer: gguf.GGUFWriter) -> None:
+            writer.add_type(gguf.GGUFType.MODEL)
+            writer.add_name(name)
+            writer.add_file_type(METHODS[method][0])
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            write_hyperparameters(writer, config)
+            if extra is not None:
+                extra(writer)
+            write_vocabulary(writer, vocab)
+        return write
+
+    return [OutputFile(path, arch, header(method), plan, i) for i, (method, path) in enumerate(zip(methods, paths))]
 
 
 def write_gguf_files(plan: list[PlannedTensor], config, vocab: Vocabulary, methods: list[str], paths: list[Path],
                      name: str, device: torch.device | None = None) -> list[Path]:
     """Write one GGUF file per method (``paths[i]`` for ``methods[i]``) from ``plan``."""
+    return write_files(text_outputs(plan, config, vocab, methods, paths, name), device)
+
+
+def write_files(outputs: list[OutputFile], device: torch.device | None = None) -> list[Path]:
+    """Write every file of ``outputs``, each tensor of a plan produced once for all the files
+    sharing that plan; all files are renamed into place together, only when all are complete."""
     from tqdm.auto import tqdm
 
-    architecture = architecture_for(config)
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    for path in paths:
-        remove_abandoned(path)
-    partials = [path.with_name(staging_name(path, ".partial")) for path in paths]
+    for output in outputs:
+        remove_abandoned(output.path)
+    partials = [output.path.with_name(staging_name(output.path, ".partial")) for output in outputs]
     writers = []
     try:
-        for method, partial in zip(methods, partials):
-            writers.append(_open_writer(partial, architecture.arch, config, vocab, method, name, plan, len(writers)))
-        for tensor in tqdm(plan, desc=f"Writing GGUF ({', '.join(methods)})", unit="tensor"):
-            _write_tensor(tensor, writers, device)
+        for output, partial in zip(outputs, partials):
+            writers.append(_open_writer(output, partial))
+        groups: dict[int, list[int]] = {}
+        for i, output in enumerate(outputs):
+            groups.setdefault(id(output.plan), []).append(i)
+        for members in groups.values():
+            names = ", ".join(outputs[i].path.name for i in members)
+            for tensor in tqdm(outputs[members[0]].plan, desc=f"Writing {names}", unit="tensor"):
+                _write_tensor(tensor, [(outputs[i].index, writers[i]) for i in members], device)
         for writer in writers:
             writer.close()  # flushes: a full disk fails here, before anything is renamed
-        for partial, path in zip(partials, paths):
-            os.replace(partial, path)
+        for partial, output in zip(partials, outputs):
+            os.replace(partial, output.path)
     finally:
         for writer in writers:
             writer.close()  # a no-op once closed
         for partial in partials:
             partial.unlink(missing_ok=True)
-    return paths
+    return [output.path for output in outputs]
 
 
-def _open_writer(path: Path, arch: gguf.MODEL_ARCH, config, vocab: Vocabulary, method: str, name: str,
-                 plan: list[PlannedTensor], index: int) -> gguf.GGUFWriter:
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_file_type(METHODS[method][0])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_hyperparameters(writer, config)
-    write_vocabulary(writer, vocab)
-    for tensor in plan:
-        qtype = tensor.types[index]
+def _open_writer(output: OutputFile, path: Path) -> gguf.GGUFWriter:
+    writer = gguf.GGUFWriter(path=None, arch=output.arch)
+    output.header(writer)
+    for tensor in output.plan:
+        qtype = tensor.types[output.index]
         # the writer reverses numpy-order shapes into GGML order (row length first)
         writer.add_tensor_info(tensor.name, tensor.entry.shape, np.dtype(np.float32),
                                nbytes(tensor.entry.shape, qtype), raw_dtype=qtype)
@@ -134,10 +174,11 @@ def _open_writer(path: Path, arch: gguf.MODEL_ARCH, config, vocab: Vocabulary, m
     return writer
 
 
-def _write_tensor(planned: PlannedTensor, writers: list[gguf.GGUFWriter], device: torch.device) -> None:
+def _write_tensor(planned: PlannedTensor, targets: list[tuple[int, gguf.GGUFWriter]], device: torch.device) -> None:
     tensor = planned.entry.load()
     done: dict[gguf.GGMLQuantizationType, np.ndarray] = {}
-    for qtype, writer in zip(planned.types, writers):
+    for index, writer in targets:
+        qtype = planned.types[index]
         if qtype not in done:
             source = tensor.to(device) if qtype.name.endswith("_K") else tensor
             done[qtype] = tensor_bytes(source, qtype)
