@@ -259,3 +259,12 @@ def test_videos_as_frames_train_and_their_placeholders_are_masked(loaded, tmp_pa
     missing = {"messages": [{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "clip.mp4")}]}]}
     with pytest.raises(FileNotFoundError, match="sample 0, video 0: video file .*clip.mp4 does not exist"):
         UnslothVisionDataCollator(model, processor)([missing])
+
+
+def test_response_markers_that_match_nothing_are_an_error(loaded):
+    model, processor = loaded("qwen2_vl")
+    collator = UnslothVisionDataCollator(model, processor, train_on_responses_only=True,
+                                         instruction_part="<|im_start|>user\n", response_part="### Answer:")
+    with pytest.raises(ValueError, match=r"Sample 0 of this batch has no reply left to train on: searched "
+                                         r"response_part='### Answer:'"):
+        collator(_examples(1))

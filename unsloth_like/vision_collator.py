@@ -237,6 +237,10 @@ class UnslothVisionDataCollator:
                 keep = torch.zeros_like(labels[row], dtype=torch.bool)
                 keep[:length] = torch.tensor([t != IGNORE_INDEX for t in wanted])
                 labels[row][~keep] = self.ignore_index
+                if not keep.any():
+                    raise ValueError(f"Sample {row} of this batch has no reply left to train on: searched "
+                                     f"{self.responses.describe()}. Pass the markers the chat template really "
+                                     "writes (instruction_part=..., response_part=...).")
         return labels
 
     def _truncate(self, batch):

@@ -19,6 +19,7 @@ so no adapter is ever skipped.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -107,7 +108,7 @@ def _fused_loss_forward(self, lm_head, inputs: dict, softcap_logits: bool):
     # gets its block-diagonal mask here even when the caller did not pass use_cache=False.
     if inputs.get("use_cache") is None:
         inputs["use_cache"] = False
-    if _takes_labels(self.model):
+    if _takes_labels(type(self.model)):
         inputs["labels"] = labels
     outputs = self.model(**inputs)
     hidden = _keep_positions(outputs.last_hidden_state, logits_to_keep)
@@ -129,8 +130,9 @@ def _fused_loss_forward(self, lm_head, inputs: dict, softcap_logits: bool):
                                   attentions=outputs.attentions)
 
 
-def _takes_labels(module: nn.Module) -> bool:
-    return "labels" in inspect.signature(type(module).forward).parameters
+@functools.cache
+def _takes_labels(module_class) -> bool:
+    return "labels" in inspect.signature(module_class.forward).parameters
 
 
 def _keep_positions(tensor: torch.Tensor, logits_to_keep) -> torch.Tensor:

@@ -205,20 +205,24 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
     if full_finetuning:
         set_gradient_checkpointing(model, use_gradient_checkpointing)
     attach_export_methods(model)  # model.save_pretrained_gguf after a full finetune, or of the base
-    accept_encoded_inputs(model)  # generate(input_ids=apply_chat_template(..., return_tensors="pt"))
-    if vision:
-        prepare_vision_inputs(model)  # pixel dtype, token type ids the forward does not take
+    _generate_inputs(model, vision)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = attach_save_methods(PeftModel.from_pretrained(model, adapter_dir, is_trainable=True))
-        accept_encoded_inputs(model)
-        if vision:
-            prepare_vision_inputs(model)
+        _generate_inputs(model, vision)
         set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
     install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
     install_precision_default()  # ... and SFTConfig(...) without bf16/fp16, on T4s and CPUs too
     return model, processor
+
+
+def _generate_inputs(model, vision: bool) -> None:
+    """``generate`` as the notebooks call it: ``input_ids=apply_chat_template(..., return_tensors=
+    "pt")``; for a VLM also pixel dtype and the token-type ids its forward takes."""
+    accept_encoded_inputs(model)
+    if vision:
+        prepare_vision_inputs(model)
 
 
 # --- argument checks (all before anything is loaded) --------------------------------------------
