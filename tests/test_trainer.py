@@ -384,3 +384,21 @@ def test_fp16_chosen_for_a_gpu_without_bf16_becomes_fp32_for_gemma3(precision_sh
     assert handoff.fp32_for_fp16_overflows({"args": config, "model": other}) == {}
     explicit = trl.SFTConfig(output_dir=str(tmp_path), bf16=False)
     assert handoff.fp32_for_fp16_overflows({"args": explicit, "model": gemma}) == {}
+
+
+def test_sft_config_wrapper_is_inert_without_max_seq_length(shim, tmp_path):
+    """SFTConfig(max_seq_length=...) is the one thing the config wrapper changes: any other call
+    builds exactly the config TRL's own __init__ builds, and uninstalling restores TRL's."""
+    wrapped = trl.SFTConfig.__init__
+    assert hasattr(wrapped, "__wrapped__")
+    settings = dict(output_dir=str(tmp_path), max_length=77, learning_rate=3e-4, bf16=False)
+    ours = trl.SFTConfig(**settings)
+    theirs = trl.SFTConfig.__new__(trl.SFTConfig)
+    inspect.unwrap(wrapped)(theirs, **settings)
+    assert ours.to_dict() == theirs.to_dict()
+    assert trl.SFTConfig(output_dir=str(tmp_path), max_seq_length=77, bf16=False).max_length == 77
+    uninstall_legacy_sft_keywords()
+    assert not hasattr(trl.SFTConfig.__init__, "__wrapped__")
+    with pytest.raises(TypeError):
+        trl.SFTConfig(output_dir=str(tmp_path), max_seq_length=77)
+    install_legacy_sft_keywords()
