@@ -10,12 +10,14 @@ each step did to ``<out>/session.json`` after every step, so a killed run still 
    curve with compiled kernels, offloaded checkpointing, QLoRA through bitsandbytes on CUDA,
    CUDA K-quants equal to the CPU's);
 3. ``train-lora`` / ``train-qlora``: ``bench_train.py`` on Llama-3.1-8B dimensions (the issue's
-   2.3x tokens/s and 0.35x memory targets);
+   2.3x tokens/s and 0.35x memory targets); ``train-vlm-qlora``: the QLoRA step of a VLM with
+   Qwen2-VL-7B's dimensions, an image in every row;
 4. ``kernels``: ``bench_kernels.py --quick`` (bandwidth, cross-entropy block sizes, Liger);
    ``train-liger``: the LoRA step of HF + PEFT with Liger-Kernel applied (its peer);
 5. ``kernel-suite``: the whole kernel test suite, compiled, on CUDA tensors;
 6. ``gguf-8b``: the 8B q4_k_m export (against llama.cpp when its wheel is there; ~45 GB of disk);
-7. ``max-seq``: the longest batch-1 sequence that fits, LoRA (many fresh processes).
+7. ``max-seq``: the longest batch-1 sequence that fits, LoRA (many fresh processes; its numbers
+   are in ``session.log``).
 
 On the device machine (the wheels come from ``../shared/tools/gpu_wheels.sh core``)::
 
@@ -87,6 +89,9 @@ def plan(out: Path, slug: str) -> list[Step]:
              [f"train-lora-{slug}.json"]),
         Step("train-qlora", [PYTHON, "scripts/bench_train.py", "--mode", "qlora",
                              "--out", str(out / f"train-qlora-{slug}.json")], 240, 120, [f"train-qlora-{slug}.json"]),
+        Step("train-vlm-qlora", [PYTHON, "scripts/bench_train.py", "--model", "qwen2_vl", "--mode", "qlora",
+                                 "--out", str(out / f"train-qlora-qwen2_vl-{slug}.json")], 300, 150,
+             [f"train-qlora-qwen2_vl-{slug}.json"]),
         Step("kernels", [PYTHON, "scripts/bench_kernels.py", "--quick", "--out", str(out / f"kernels-{slug}.json")],
              240, 90, [f"kernels-{slug}.json"]),
         Step("train-liger", [PYTHON, "scripts/bench_train.py", "--variants", "hf_liger",
@@ -97,9 +102,10 @@ def plan(out: Path, slug: str) -> list[Step]:
         Step("gguf-8b", [PYTHON, "scripts/bench_gguf.py", "--preset", "llama-3.1-8b", "--methods", "q4_k_m",
                          "--workdir", "/tmp", "--out", str(out / f"gguf-export-{slug}.json")], 420, 240,
              [f"gguf-export-{slug}.json"]),
+        # The device tool brings back 8 files: this last, longest step prints its numbers to
+        # session.log ("max seq N" per variant) and keeps its JSON on the machine.
         Step("max-seq", [PYTHON, "scripts/bench_train.py", "--max-seq",
-                         "--out", str(out / f"train-lora-maxseq-{slug}.json")], 420, 240,
-             [f"train-lora-maxseq-{slug}.json"]),
+                         "--out", f"/tmp/train-lora-maxseq-{slug}.json"], 420, 240),
     ]
 
 
