@@ -1,0 +1,132 @@
+"""TRL's preference and RL trainers on our patched LoRA models compute what they compute on
+plain transformers + PEFT: same weights, same adapters, same data, same seeds -> the same logged
+losses (rewards and KL for the online trainers) and the same LoRA weights after the steps.
+
+TRL 1.16 replaces the model's ``forward`` with its own fused LM head (``add_fused_lm_head``),
+which calls our instance forward for generation and our patched decoder layers for the backbone;
+these tests hold that the combination stays exact. For a model already wrapped with PEFT (what
+``get_peft_model`` returns), TRL 1.16's trainers take as reference a frozen copy of the adapter,
+added as a second adapter ``"ref"`` and switched to for the reference pass (our fused path follows
+the active adapter); it must stay put while the policy moves (a reference that followed the policy
+would keep the KL at 0 and the DPO loss at ln 2). The adapters' B matrices start non-zero. The runs use the kernels' torch references (the kernels themselves are
+compared with them in tests/kernels).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+from datasets import Dataset
+
+trl = pytest.importorskip("trl")
+
+from unsloth_like import FastLanguageModel  # noqa: E402
+from unsloth_like.kernels import use_backend  # noqa: E402
+from unsloth_like.models import patch_model  # noqa: E402
+from unsloth_like.testing.zoo import load_zoo_model  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# SGD, not Adam: Adam's first step moves every weight by ~lr whatever the size of its gradient, so
+# rounding-level gradient differences would show as lr-sized weight differences; SGD keeps them small.
+COMMON = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, optim="sgd", logging_steps=1,
+              report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with use_backend("torch"):
+        yield
+
+
+def _pair(zoo_cache):
+    """(plain PEFT model, our model, tokenizer): same base weights, same adapters, B non-zero."""
+    base, tokenizer = load_zoo_model("qwen2", cache_dir=zoo_cache)
+    with torch.random.fork_rng():
+        torch.manual_seed(3407)
+        plain = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                                         task_type="CAUSAL_LM"))
+    patch_model(base)
+    ours = FastLanguageModel.get_peft_model(base, r=8, lora_alpha=16, target_modules=TARGETS, random_state=3407,
+                                            use_gradient_checkpointing=False)
+    for model in (plain, ours):
+        generator = torch.Generator().manual_seed(5)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return plain, ours, tokenizer
+
+
+def _train(trainer):
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    return logged, weights
+
+
+def _assert_same_run(plain, ours, keys=("loss",)):
+    (logged_plain, weights_plain), (logged_ours, weights_ours) = plain, ours
+    assert len(logged_plain) == len(logged_ours) == 2
+    for step_plain, step_ours in zip(logged_plain, logged_ours):
+        for key in keys:
+            assert step_ours[key] == pytest.approx(step_plain[key], rel=1e-4, abs=1e-6), key
+    assert weights_plain.keys() == weights_ours.keys()
+    # two SGD steps of lr 1e-2: the weights differ by lr x (fp32 rounding of the gradients)
+    assert max((weights_plain[n] - weights_ours[n]).abs().max().item() for n in weights_plain) < 1e-6
+
+
+def _preferences():
+    return Dataset.from_list([{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
+                               "rejected": f" Maybe {i}."} for i in range(8)])
+
+
+@pytest.mark.slow
+def test_dpo_matches_plain_trl_and_peft(zoo_cache, tmp_path):
+    plain, ours, tokenizer = _pair(zoo_cache)
+    runs = []
+    for model in (plain, ours):
+        config = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), beta=0.1, **COMMON)
+        runs.append(_train(trl.DPOTrainer(model=model, args=config, train_dataset=_preferences(),
+                                          processing_class=tokenizer)))
+    _assert_same_run(*runs)
+    losses = [entry["loss"] for entry in runs[1][0]]
+    assert losses[1] < math.log(2) - 1e-3  # after one update the policy has moved away from the reference
+
+
+@pytest.mark.slow
+def test_kto_matches_plain_trl_and_peft(zoo_cache, tmp_path):
+    plain, ours, tokenizer = _pair(zoo_cache)
+    data = Dataset.from_list([{"prompt": f"Question {i}: what is {i} plus {i}?",
+                               "completion": f" It is {2 * i}." if i % 2 else f" Maybe {i}.", "label": bool(i % 2)}
+                              for i in range(8)])
+    runs = []
+    for model in (plain, ours):
+        config = trl.KTOConfig(output_dir=str(tmp_path / "kto"), **COMMON)
+        runs.append(_train(trl.KTOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)))
+    _assert_same_run(*runs)
+
+
+def _length_reward(completions, **kwargs):
+    return [len(completion) / 10 for completion in completions]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer_name", ["GRPO", "RLOO"])
+def test_online_rl_matches_plain_trl_and_peft(trainer_name, zoo_cache, tmp_path):
+    """Sampled completions, rewards, the loss and the KL to the reference agree step by step; the
+    KL is not 0 after the first update."""
+    plain, ours, tokenizer = _pair(zoo_cache)
+    prompts = Dataset.from_list([{"prompt": f"Count to {i}:"} for i in range(8)])
+    config_class, trainer_class = getattr(trl, f"{trainer_name}Config"), getattr(trl, f"{trainer_name}Trainer")
+    runs = []
+    for model in (plain, ours):
+        config = config_class(output_dir=str(tmp_path / trainer_name), num_generations=2, max_completion_length=8,
+                              beta=0.04, **COMMON)
+        runs.append(_train(trainer_class(model=model, args=config, train_dataset=prompts, processing_class=tokenizer,
+                                         reward_funcs=_length_reward)))
+    _assert_same_run(*runs, keys=("loss", "reward", "kl"))
+    assert runs[1][0][-1]["kl"] > 0
