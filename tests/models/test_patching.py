@@ -174,3 +174,23 @@ def test_patched_4bit_matches_unpatched_4bit(zoo_cache):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     base.train(), fast.train()  # bitsandbytes repacks CPU weights on the first eval forward: stay in train
     assert_close_normwise(fast(**inputs).logits, base(**inputs).logits, torch.float32, factor=50)
+
+
+def test_unpatch_leaves_a_forward_someone_else_wrapped_ours_in(zoo_cache):
+    """TRL's trainers wrap the model's forward in their fused LM head (``add_fused_lm_head``) after
+    we patched it; unpatching then restores the layers and leaves TRL's forward, which keeps
+    calling the forward it wrapped."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base, fast, tokenizer = _pair("qwen2", zoo_cache)
+    add_fused_lm_head(fast)
+    trl_forward = fast.__dict__["forward"]
+    unpatch(fast)
+    assert fast.__dict__["forward"] is trl_forward
+    assert not any("forward" in module.__dict__ for module in fast.model.modules())
+    batch = _batch(tokenizer)
+    fast.eval(), base.eval()
+    with torch.no_grad():
+        assert torch.allclose(fast(**batch).logits, base(**batch).logits, atol=1e-5)
+        fused = fast(**batch, fused_lm_head=True).log_probs
+    assert fused.shape == batch["input_ids"][:, 1:].shape

@@ -21,7 +21,7 @@ from .registry import PatchSpec, spec_for, vision_spec_for
 
 logger = logging.getLogger(__name__)
 
-_PATCHED_ATTR = "_unsloth_like_patched"  # list of (module, attribute name, previous value or None)
+_PATCHED_ATTR = "_unsloth_like_patched"  # list of (module, attribute name, previous value or None, ours)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -111,13 +111,19 @@ def lora_fusion_report(model: nn.Module) -> dict[str, str]:
 def _bind(module: nn.Module, function, records: list) -> None:
     # accelerate's hooks move the original forward to `_old_forward` and call it from theirs.
     attribute = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
-    records.append((module, attribute, module.__dict__.get(attribute)))
-    setattr(module, attribute, types.MethodType(function, module))
+    bound = types.MethodType(function, module)
+    records.append((module, attribute, module.__dict__.get(attribute), bound))
+    setattr(module, attribute, bound)
 
 
 def _unbind(records: list) -> None:
-    """Undo ``_bind`` calls, newest first: each attribute gets back what it had (or is removed)."""
-    for module, attribute, previous in reversed(records):
+    """Undo ``_bind`` calls, newest first: each attribute gets back what it had (or is removed).
+    An attribute someone replaced after us (TRL's fused LM head wraps the model's ``forward``) is
+    theirs now, and is left as it is. Records of three items (an attribute set without ``_bind``)
+    are restored unconditionally."""
+    for module, attribute, previous, *ours in reversed(records):
+        if ours and module.__dict__.get(attribute) is not ours[0]:
+            continue
         if previous is None:
             del module.__dict__[attribute]
         else:
