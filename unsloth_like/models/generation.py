@@ -16,22 +16,31 @@ import types
 from collections.abc import Mapping
 
 _MARK = "_unsloth_like_encoded_inputs"
+_MARKS = "_unsloth_like_generate_wrappers"  # on a bound generate: the wrappers it holds
 
 
 def accept_encoded_inputs(model):
     """Bind the encoding-aware ``generate`` to ``model`` (idempotent); returns the model."""
+    return wrap_generate(model, _MARK, lambda self, args, kwargs: unpack_encoded_inputs(args, kwargs))
+
+
+def wrap_generate(model, mark: str, prepare):
+    """Bind a ``generate`` to ``model`` that passes its arguments through ``prepare(model, args,
+    kwargs) -> (args, kwargs)`` and then to the generate it replaces (an earlier per-instance one,
+    or the class's). Idempotent per ``mark``: a model already wrapped with it is returned as is."""
     current = model.__dict__.get("generate")
-    if getattr(current, _MARK, False):
+    marks = getattr(current, _MARKS, frozenset())
+    if mark in marks:
         return model
     previous = current  # another per-instance generate (or None: the class's)
 
     def generate(self, *args, **kwargs):
-        args, kwargs = unpack_encoded_inputs(args, kwargs)
+        args, kwargs = prepare(self, args, kwargs)
         if previous is not None:
             return previous(*args, **kwargs)
         return type(self).generate(self, *args, **kwargs)
 
-    setattr(generate, _MARK, True)
+    setattr(generate, _MARKS, marks | {mark})
     model.generate = types.MethodType(generate, model)
     return model
 

@@ -28,7 +28,6 @@ import inspect
 import logging
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
 import torch
@@ -139,21 +138,15 @@ def mirror_special_tokens(processor) -> None:
 
 def prepare_vision_inputs(model):
     """Bind a ``generate`` to ``model`` that casts pixel inputs to the model's floating dtype and
-    drops token-type ids its forward does not take (idempotent; wraps any instance ``generate``)."""
-    current = model.__dict__.get("generate")
-    if getattr(current, _MARK, False):
-        return model
-    previous = current
+    drops token-type ids its forward does not take (idempotent; wraps any instance ``generate``;
+    an encoding given as ``input_ids`` is unpacked first, so its pixels are cast too)."""
+    from .generation import unpack_encoded_inputs, wrap_generate
 
-    def generate(self, *args, **kwargs):
-        kwargs = adapt_vision_inputs(self, kwargs)
-        if previous is not None:
-            return previous(*args, **kwargs)
-        return type(self).generate(self, *args, **kwargs)
+    def prepare(self, args, kwargs):
+        args, kwargs = unpack_encoded_inputs(args, kwargs)
+        return args, adapt_vision_inputs(self, kwargs)
 
-    setattr(generate, _MARK, True)
-    model.generate = types.MethodType(generate, model)
-    return model
+    return wrap_generate(model, _MARK, prepare)
 
 
 def adapt_vision_inputs(model, inputs: dict) -> dict:
