@@ -91,6 +91,7 @@ class UnslothVisionDataCollator:
         self.max_seq_length = max_seq_length if max_seq_length is not None else _model_max_seq_length(model)
         self.dtype = _model_dtype(model)
         self.media_ids = media_token_ids(processor)
+        self._media = torch.tensor(sorted(self.media_ids), dtype=torch.long)
         self.image_size = _image_size(model, resize)
         self.resize_dimension, self.snap = resize_dimension, (2 * _patch_size(model) if snap_to_patch_size else None)
         self.responses, self._rows = None, None
@@ -225,7 +226,7 @@ class UnslothVisionDataCollator:
         labels = input_ids.clone()
         labels[batch["attention_mask"] == 0] = self.ignore_index
         if self.media_ids:
-            labels[torch.isin(labels, torch.tensor(sorted(self.media_ids)))] = self.ignore_index
+            labels[torch.isin(labels, self._media)] = self.ignore_index
         if prompt_lengths is not None:
             for row, length in enumerate(prompt_lengths):
                 if length is not None:
@@ -248,7 +249,7 @@ class UnslothVisionDataCollator:
         if limit is None or batch["input_ids"].shape[1] <= limit:
             return batch
         lengths = batch["attention_mask"].sum(dim=1)
-        media = torch.isin(batch["input_ids"], torch.tensor(sorted(self.media_ids))) if self.media_ids else None
+        media = torch.isin(batch["input_ids"], self._media) if self.media_ids else None
         for row in range(batch["input_ids"].shape[0]):
             if media is not None and media[row, limit:].any():
                 last = int(media[row].nonzero().max()) + 1
