@@ -7,6 +7,7 @@ plain Hugging Face ones. Importing this package changes nothing in transformers,
 from .chat_templates import apply_chat_template, get_chat_template, standardize_sharegpt, to_sharegpt
 from .env import env_report, is_bfloat16_supported
 from .models.loader import FastLanguageModel, FastModel, FastVisionModel
+from .models.sampling import SamplingParams
 from .models.patching import patch_model, unpatch
 from .responses_only import train_on_responses_only
 from .vision_collator import UnslothVisionDataCollator
@@ -14,7 +15,7 @@ from .vision_collator import UnslothVisionDataCollator
 __version__ = "0.1.0"
 
 __all__ = ["FastLanguageModel", "FastModel", "FastVisionModel", "UnslothTrainer", "UnslothTrainingArguments",
-           "UnslothVisionDataCollator", "__version__",
+           "SamplingParams", "UnslothVisionDataCollator", "__version__",
            "apply_chat_template", "env_report", "get_chat_template", "is_bfloat16_supported", "patch_model",
            "standardize_sharegpt", "to_sharegpt", "train_on_responses_only", "unpatch"]
 

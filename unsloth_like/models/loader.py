@@ -26,9 +26,11 @@ import torch
 from ..chat_templates import stop_on_tokenizer_eos
 from ..env import is_bfloat16_supported
 from ..save.merged import attach_export_methods, attach_save_methods
+from ..rl_handoff import install_rl_keywords
 from ..trainer import install_legacy_sft_keywords, install_precision_default
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .generation import accept_encoded_inputs
+from .fast_inference import attach_fast_inference, check_lora_rank, pop_fast_inference_options
 from .lora import get_peft_model
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import patch_model, unpatch
@@ -145,6 +147,7 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
     """``from_pretrained`` of every loader class: a text model with its tokenizer, or a
     vision-language model (any config with a vision tower) with its processor."""
     check_mode(use_gradient_checkpointing)
+    fast_inference = pop_fast_inference_options(kwargs)
     user_quantization = kwargs.pop("quantization_config", None)
     quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, user_quantization)
     check_max_seq_length(max_seq_length)
@@ -205,15 +208,19 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
     if full_finetuning:
         set_gradient_checkpointing(model, use_gradient_checkpointing)
     attach_export_methods(model)  # model.save_pretrained_gguf after a full finetune, or of the base
+    attach_fast_inference(model, fast_inference)
     _generate_inputs(model, vision)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = attach_save_methods(PeftModel.from_pretrained(model, adapter_dir, is_trainable=True))
+        check_lora_rank(model, model.peft_config[model.active_adapter].r)
+        attach_fast_inference(model)
         _generate_inputs(model, vision)
         set_gradient_checkpointing(model, use_gradient_checkpointing)  # training continues from here
     install_legacy_sft_keywords()  # notebooks pass SFTTrainer(tokenizer=..., max_seq_length=...) next
     install_precision_default()  # ... and SFTConfig(...) without bf16/fp16, on T4s and CPUs too
+    install_rl_keywords()  # ... or GRPOConfig(max_prompt_length=..., vllm_sampling_params=...), DPOTrainer(beta=...)
     return model, processor
 
 
@@ -427,12 +434,18 @@ def _ensure_pad_token(tokenizer, model) -> None:
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def tokenizer_of(model):
+    """The tokenizer (or processor) ``model`` (or the base model of a PeftModel) was loaded with."""
+    get_base = getattr(model, "get_base_model", None)
+    return _TOKENIZERS.get(get_base() if callable(get_base) else model)
+
+
 def _set_mode(model, training: bool):
     model.train(training)
     model.config.get_text_config().use_cache = not training
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
-    tokenizer = _TOKENIZERS.get(base)
+    tokenizer = tokenizer_of(model)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own tokenizer does the padding
     if tokenizer is not None:
         tokenizer.padding_side = "right" if training else "left"

@@ -31,6 +31,7 @@ from torch import nn
 from ..save.merged import attach_save_methods
 from .checkpointing import check_mode, set_gradient_checkpointing
 from .generation import accept_encoded_inputs
+from .fast_inference import attach_fast_inference, check_lora_rank
 from .loftq import apply_loftq, check_loftq_config
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import is_patched, lora_fusion_report, patch_model, unpatch
@@ -88,6 +89,7 @@ def get_peft_model(
         raise TypeError(f"get_peft_model needs a transformers model, got {type(model).__name__}.")
     target_modules = _check_arguments(base, r, target_modules, lora_alpha, lora_dropout, bias, layers_to_transform,
                                       modules_to_save, random_state)
+    check_lora_rank(base, r)
     init_lora_weights, loftq_settings = _check_loftq(base, init_lora_weights, loftq_config)
     config = _lora_config(
         r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
@@ -109,7 +111,7 @@ def get_peft_model(
         base.max_seq_length = max_seq_length
     if peft_model is not model:
         _log_fusion(peft_model)
-    return accept_encoded_inputs(attach_save_methods(peft_model))
+    return attach_fast_inference(accept_encoded_inputs(attach_save_methods(peft_model)))
 
 
 def _wrap(base, config, random_state: int):
