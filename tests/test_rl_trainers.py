@@ -150,6 +150,27 @@ def test_kto_matches_plain_trl_and_peft(quantized, zoo_cache, tmp_path):
     _assert_same_run(*runs)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("trainer_name,settings", [("orpo", {}), ("cpo", {}),
+                                                   ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0})],
+                         ids=["ORPO", "CPO", "SimPO"])
+def test_reference_free_preference_trainers_match_plain_trl_and_peft(trainer_name, settings, quantized, zoo_cache,
+                                                                     tmp_path):
+    """ORPO, CPO and SimPO (``trl.experimental``; CPO with ``loss_type="simpo"``): they take the
+    policy's full logits (``model(...).logits``, no labels), which our forward returns."""
+    module = pytest.importorskip(f"trl.experimental.{trainer_name}")
+    name = trainer_name.upper()
+    config_class, trainer_class = getattr(module, f"{name}Config"), getattr(module, f"{name}Trainer")
+    plain, ours, tokenizer = _pair(zoo_cache, quantized)
+    runs = []
+    for model in (plain, ours):
+        config = config_class(output_dir=str(tmp_path / trainer_name), beta=0.1, max_length=128, **settings, **COMMON)
+        runs.append(_train(trainer_class(model=model, args=config, train_dataset=_preferences(),
+                                         processing_class=tokenizer)))
+    _assert_same_run(*runs)
+
+
 def _length_reward(completions, **kwargs):
     return [len(completion) / 10 for completion in completions]
 

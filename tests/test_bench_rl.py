@@ -1,0 +1,39 @@
+"""The RL benchmark script runs end to end on tiny settings (the real run is by hand)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_rl.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_rl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["dpo", "grpo"])
+def test_both_variants_run_the_same_steps(trainer, bench, zoo_cache, tmp_path):
+    rows = [bench.run_variant({"device": "cpu", "trainer": trainer, "variant": variant, "vocab": 4099, "batch": 2,
+                               "prompt_words": 6, "completion_words": 5, "generations": 2, "completion_tokens": 6,
+                               "warmup": 1, "steps": 2, "backend": "torch", "zoo_cache": str(zoo_cache),
+                               "output_dir": str(tmp_path / variant)})
+            for variant in ("hf", "unsloth_like")]
+    hf, ours = rows
+    assert len(hf["losses"]) == len(ours["losses"]) == 3
+    assert ours["losses"] == pytest.approx(hf["losses"], rel=1e-4, abs=1e-6)  # same batches, same samples
+    assert hf["tokens_per_step"] == ours["tokens_per_step"] > 0
+    assert all(row["s_per_step"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    report = bench._report("CPU", rows)
+    assert set(report["ratios"][trainer]) == {"step_time_ratio", "tokens_per_s_ratio", "peak_memory_ratio",
+                                               "first_loss_difference"}
