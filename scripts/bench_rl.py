@@ -11,7 +11,8 @@ use TRL's own fused LM head (``add_fused_lm_head``: per-token log-probs in vocab
 never the (B, L, V) logits); what differs is everything under it (our decoder kernels and fused
 LoRA). Each (trainer, variant) runs in a fresh subprocess: TRL builds its trainer, runs warm-up
 steps, then timed optimizer steps. Reported: seconds per step, tokens/s (DPO: chosen + rejected
-tokens; GRPO: prompt + completion tokens of every generation, sampling included) and peak memory
+tokens; GRPO: prompt + completion tokens of every generation, sampling included; the median step)
+and peak memory
 above the loaded model (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and the
 first step's loss of each variant (the same batches: they must agree).
 
@@ -27,6 +28,7 @@ import contextlib
 import datetime
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -167,8 +169,9 @@ def run_variant(spec: dict) -> dict:
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     timed = timer.seconds[spec["warmup"]:]
     tokens_per_step = _tokens_per_step(logged, spec["warmup"])
-    return {**spec, "s_per_step": sum(timed) / len(timed), "tokens_per_step": tokens_per_step,
-            "tokens_per_s": tokens_per_step * len(timed) / sum(timed), "peak_mib": peak / 2**20,
+    median = statistics.median(timed)  # one slow step (a page-fault storm, a long sample) does not move it
+    return {**spec, "s_per_step": median, "step_seconds": timed, "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_step / median, "peak_mib": peak / 2**20,
             "first_loss": logged[0]["loss"], "losses": [entry["loss"] for entry in logged]}
 
 
@@ -198,7 +201,7 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = {"batch": 4, "prompt_words": 48, "completion_words": 48, "generations": 4, "completion_tokens": 64,
-             "warmup": 1, "steps": 3} if device == "cpu" else \
+             "warmup": 1, "steps": 5} if device == "cpu" else \
         {"batch": 8, "prompt_words": 256, "completion_words": 256, "generations": 8, "completion_tokens": 256,
          "warmup": 2, "steps": 5}
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"

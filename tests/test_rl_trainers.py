@@ -28,7 +28,8 @@ trl = pytest.importorskip("trl")
 
 from unsloth_like import FastLanguageModel  # noqa: E402
 from unsloth_like.kernels import use_backend  # noqa: E402
-from unsloth_like.models import patch_model  # noqa: E402
+from unsloth_like.models import is_patched, patch_model  # noqa: E402
+from unsloth_like.rl_handoff import install_rl_keywords  # noqa: E402
 from unsloth_like.testing.zoo import load_zoo_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,6 +41,7 @@ COMMON = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, op
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
+    install_rl_keywords()  # from_pretrained installs it; these tests build their models directly
     with use_backend("torch"):
         yield
 
@@ -64,10 +66,13 @@ def _pair(zoo_cache, quantized=False):
     return plain, ours, tokenizer
 
 
-def _train(trainer):
+def _train(trainer, uses_fused_head=True):
     """(logged steps, LoRA weights after training, LoRA weights after the first step)."""
     first_step = {}
     trainer.add_callback(_RecordFirstStep(first_step))
+    base = trainer.model.get_base_model()
+    # TRL's fused LM head (add_fused_lm_head) runs our CPU kernel on our models, TRL's own on plain ones
+    assert getattr(base.forward, "_unsloth_like_token_log_probs", False) == is_patched(base) or not uses_fused_head
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
@@ -167,7 +172,7 @@ def test_reference_free_preference_trainers_match_plain_trl_and_peft(trainer_nam
     for model in (plain, ours):
         config = config_class(output_dir=str(tmp_path / trainer_name), beta=0.1, max_length=128, **settings, **COMMON)
         runs.append(_train(trainer_class(model=model, args=config, train_dataset=_preferences(),
-                                         processing_class=tokenizer)))
+                                         processing_class=tokenizer), uses_fused_head=False))
     _assert_same_run(*runs)
 
 

@@ -38,6 +38,7 @@ import importlib
 import inspect
 import logging
 
+from .models.trl_head import take_over_fused_lm_head
 from .trainer import _SHIM_MARK
 
 logger = logging.getLogger(__name__)
@@ -173,9 +174,11 @@ def _trainer_init(original, config_class):
         config = arguments.get("args")
         if config is not None and (MAX_PROMPT_LENGTH in config.__dict__ or STOP_STRINGS in config.__dict__):
             _check_before_training(config, arguments)
-        if not legacy:
-            return original(self, *args, **kwargs)
-        return original(self, **arguments)
+        if legacy:
+            original(self, **arguments)
+        else:
+            original(self, *args, **kwargs)
+        take_over_fused_lm_head(self)  # our patched models only: TRL's fused head with our CPU kernel
     return __init__
 
 

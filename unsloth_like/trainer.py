@@ -118,9 +118,13 @@ def install_legacy_sft_keywords() -> bool:
         arguments.update(updates)
         updates.update(without_duplicate_bos(arguments))
         if not legacy and not updates:
-            return original(self, *args, **kwargs)  # nothing to do: TRL gets the call as it was made
-        arguments.update(updates)
-        return original(self, **arguments)
+            original(self, *args, **kwargs)  # nothing to do: TRL gets the call as it was made
+        else:
+            arguments.update(updates)
+            original(self, **arguments)
+        from .models.trl_head import take_over_fused_lm_head  # (models imports this module)
+
+        take_over_fused_lm_head(self)  # our patched models only: TRL's fused head with our CPU kernel
 
     setattr(__init__, _SHIM_MARK, True)
     trainer_class.__init__ = __init__
