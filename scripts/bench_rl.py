@@ -3,6 +3,7 @@ against the same trainers on our model, same weights, data and seeds.
 
     python scripts/bench_rl.py                    # DPO and GRPO, LoRA r=16 on all linear layers
     python scripts/bench_rl.py --trainers dpo     # one trainer
+    python scripts/bench_rl.py --trainers head    # the LM head alone: TRL's log-prob kernel vs ours
     python scripts/bench_rl.py --out benchmarks/rl-cpu.json
 
 Variants: ``hf`` is the plain model with ``peft.get_peft_model``; ``unsloth_like`` is
@@ -16,6 +17,11 @@ and peak memory
 above the loaded model (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and the
 first step's loss of each variant (the same batches: they must agree).
 
+``head``: the LM head alone, forward + backward of per-token log-probs (and entropy) of 2,000
+hidden rows (CPU) through a frozen head of the model's size: TRL's ``ChunkedLogProbFunction``
+(``hf``) against our ``kernels.token_log_probs`` (``unsloth_like``), which our models run under
+TRL's fused head on the CPU.
+
 The model: on CPU a small Llama-shaped decoder with Llama 3's 128,256-token vocabulary (the size
 at which the LM head dominates: where a fused head matters); on a GPU Llama-3.1-8B's dimensions.
 Random weights, seeded; the tokenizer is the zoo Llama's (its ids are a subset of the vocabulary).
@@ -27,7 +33,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,14 +41,12 @@ from pathlib import Path
 
 import torch
 
-TRAINERS = ("dpo", "grpo")
+from unsloth_like.testing.memory import peak_rss_bytes, rss_bytes
+from unsloth_like.testing.reports import write_report
+
+TRAINERS = ("dpo", "grpo", "head")
 VARIANTS = ("hf", "unsloth_like")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def _model_config(device: str, vocab: int):
@@ -134,9 +137,49 @@ class _StepTimer:
         return Timer()
 
 
+def run_head(spec: dict) -> dict:
+    """The LM head alone: per-token log-probs of ``tokens`` hidden rows through a (vocab, hidden)
+    head, forward + backward (hidden needs a gradient, the head is frozen as under LoRA): TRL's
+    ``ChunkedLogProbFunction`` (``hf``) or our ``token_log_probs`` (``unsloth_like``)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from unsloth_like.kernels.token_logprobs import token_log_probs
+
+    generator = torch.Generator().manual_seed(0)
+    hidden_size = _model_config(spec["device"], spec["vocab"]).hidden_size
+    weight = (torch.randn(spec["vocab"], hidden_size, generator=generator) * 0.02).to(spec["device"])
+    targets = torch.randint(0, spec["vocab"], (spec["tokens"],), generator=generator).to(spec["device"])
+    hidden = torch.randn(spec["tokens"], hidden_size, generator=generator).to(spec["device"])
+
+    def step() -> float:
+        h = hidden.clone().requires_grad_()
+        if spec["variant"] == "hf":
+            log_probs = ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, 32768, None, 1.0, ("entropy",))[0]
+        else:
+            log_probs = token_log_probs(h, weight, None, targets, outputs=("entropy",))[0]
+        loss = -log_probs.sum()
+        loss.backward()
+        return loss.item()
+
+    base = rss_bytes()
+    losses, seconds = [], []
+    for index in range(spec["warmup"] + spec["steps"]):
+        started = time.perf_counter()
+        losses.append(step())
+        if index >= spec["warmup"]:
+            seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds)
+    return {**spec, "s_per_step": median, "step_seconds": seconds, "tokens_per_step": spec["tokens"],
+            "tokens_per_s": spec["tokens"] / median, "peak_mib": (peak_rss_bytes() - base) / 2**20,
+            "first_loss": losses[0], "losses": losses}
+
+
 def run_variant(spec: dict) -> dict:
     """One (trainer, variant) in this (fresh) process."""
     import trl
+
+    if spec["trainer"] == "head":
+        return run_head(spec)
 
     from unsloth_like.kernels import use_backend
 
@@ -161,11 +204,11 @@ def run_variant(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     with use_backend(spec["backend"]) if spec.get("backend") else contextlib.nullcontext():
         trainer.train()
     peak = (torch.cuda.max_memory_allocated() - base) if spec["device"] == "cuda" else (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        peak_rss_bytes() - base)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     timed = timer.seconds[spec["warmup"]:]
     tokens_per_step = _tokens_per_step(logged, spec["warmup"])
@@ -201,9 +244,9 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = {"batch": 4, "prompt_words": 48, "completion_words": 48, "generations": 4, "completion_tokens": 64,
-             "warmup": 1, "steps": 5} if device == "cpu" else \
+             "tokens": 2000, "warmup": 1, "steps": 5} if device == "cpu" else \
         {"batch": 8, "prompt_words": 256, "completion_words": 256, "generations": 8, "completion_tokens": 256,
-         "warmup": 2, "steps": 5}
+         "tokens": 16384, "warmup": 2, "steps": 5}
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     slug = "cpu" if device == "cpu" else name.split()[-1].lower()
     out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"rl-lora-{slug}.json")
@@ -215,7 +258,7 @@ def main() -> None:
             rows.append(row)
             print(f"{trainer:<5} {variant:<13} {row['s_per_step']:7.3f} s/step {row['tokens_per_s']:9.0f} tok/s  "
                   f"peak {row['peak_mib']:9.1f} MiB  first loss {row['first_loss']:.6f}", flush=True)
-            _write_atomic(out, _report(name, rows))
+            write_report(out, _report(name, rows))
     report = _report(name, rows)
     for trainer, ratios in report["ratios"].items():
         print(f"{trainer}: ours / HF step time {ratios['step_time_ratio']:.2f}x, "
@@ -240,13 +283,6 @@ def _report(device_name: str, rows: list[dict]) -> dict:
                                          "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"],
                                          "first_loss_difference": abs(ours["first_loss"] - hf["first_loss"])}
     return report
-
-
-def _write_atomic(out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
 
 
 if __name__ == "__main__":

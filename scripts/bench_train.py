@@ -31,7 +31,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -39,10 +38,8 @@ from pathlib import Path
 
 import torch
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+from unsloth_like.testing.memory import peak_rss_bytes, rss_bytes
+from unsloth_like.testing.reports import write_report
 
 
 VARIANTS = ("hf", "unsloth_like", "hf_liger")
@@ -184,7 +181,7 @@ def run_variant(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     for _ in range(spec["warmup"]):
         step()
     if device == "cuda":
@@ -195,7 +192,7 @@ def run_variant(spec: dict) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        peak_rss_bytes() - base)
     tokens = spec["batch"] * spec["seq"] * spec["steps"]
     return {**spec, "tokens_per_s": tokens / seconds, "s_per_step": seconds / spec["steps"],
             "peak_mib": peak / 2**20, "losses": losses, "vocab": vocab}
@@ -292,7 +289,7 @@ def main() -> None:
               f"peak {row['peak_mib']:9.1f} MiB  loss {row['losses'][0]:.4f} -> {row['losses'][-1]:.4f}"
               + (f"  max seq {row['max_seq_batch1']}" if "max_seq_batch1" in row else ""), flush=True)
         report = _report(name, args.mode, rows, complete=len(rows) == len(args.variants))
-        _write_atomic(out, report)  # after each variant: a run stopped midway keeps the first
+        write_report(out, report)  # after each variant: a run stopped midway keeps the first
     if "tokens_per_s_ratio" in report:
         print(f"\nours / HF: tokens/s {report['tokens_per_s_ratio']:.2f}x, step time {report['step_time_ratio']:.2f}x, "
               f"peak memory {report['peak_memory_ratio']:.2f}x")
@@ -310,13 +307,6 @@ def _report(device_name: str, mode: str, rows: list[dict], complete: bool) -> di
                        "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
                        "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"]})
     return report
-
-
-def _write_atomic(out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ each step did to ``<out>/session.json`` after every step, so a killed run still 
 3. ``train-lora`` / ``train-qlora``: ``bench_train.py`` on Llama-3.1-8B dimensions (the issue's
    2.3x tokens/s and 0.35x memory targets); ``train-vlm-qlora``: the QLoRA step of a VLM with
    Qwen2-VL-7B's dimensions, an image in every row;
+   ``rl``: ``bench_rl.py`` (a DPO and a GRPO step through TRL, ours vs plain TRL + PEFT; its
+   numbers are printed to ``session.log``);
 4. ``kernels``: ``bench_kernels.py --quick`` (bandwidth, cross-entropy block sizes, Liger);
    ``train-liger``: the LoRA step of HF + PEFT with Liger-Kernel applied (its peer);
 5. ``kernel-suite``: the whole kernel test suite, compiled, on CUDA tensors;
@@ -92,6 +94,8 @@ def plan(out: Path, slug: str) -> list[Step]:
         Step("train-vlm-qlora", [PYTHON, "scripts/bench_train.py", "--model", "qwen2_vl", "--mode", "qlora",
                                  "--out", str(out / f"train-qlora-qwen2_vl-{slug}.json")], 300, 150,
              [f"train-qlora-qwen2_vl-{slug}.json"]),
+        # DPO and GRPO steps through TRL (its numbers are in session.log: the device tool brings back 8 files)
+        Step("rl", [PYTHON, "scripts/bench_rl.py", "--out", f"/tmp/rl-lora-{slug}.json"], 300, 150),
         Step("kernels", [PYTHON, "scripts/bench_kernels.py", "--quick", "--out", str(out / f"kernels-{slug}.json")],
              240, 90, [f"kernels-{slug}.json"]),
         Step("train-liger", [PYTHON, "scripts/bench_train.py", "--variants", "hf_liger",

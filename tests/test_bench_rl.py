@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_rl.py"
+from .script_modules import forget_script, import_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_rl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield import_script("bench_rl")
+    forget_script("bench_rl")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["dpo", "grpo"])
+@pytest.mark.parametrize("trainer", ["dpo", "grpo", "head"])
 def test_both_variants_run_the_same_steps(trainer, bench, zoo_cache, tmp_path):
     rows = [bench.run_variant({"device": "cpu", "trainer": trainer, "variant": variant, "vocab": 4099, "batch": 2,
                                "prompt_words": 6, "completion_words": 5, "generations": 2, "completion_tokens": 6,
-                               "warmup": 1, "steps": 2, "backend": "torch", "zoo_cache": str(zoo_cache),
-                               "output_dir": str(tmp_path / variant)})
+                               "tokens": 50, "warmup": 1, "steps": 2, "backend": "torch",
+                               "zoo_cache": str(zoo_cache), "output_dir": str(tmp_path / variant)})
             for variant in ("hf", "unsloth_like")]
     hf, ours = rows
     assert len(hf["losses"]) == len(ours["losses"]) == 3

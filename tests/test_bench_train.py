@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from unsloth_like.testing import zoo
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_train.py"
+from .script_modules import SCRIPTS, forget_script, import_script
+
+SCRIPT = SCRIPTS / "bench_train.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield import_script("bench_train")
+    forget_script("bench_train")
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from unsloth_like import FastLanguageModel  # noqa: E402
 from unsloth_like.kernels import use_backend  # noqa: E402
 from unsloth_like.models import is_patched, patch_model  # noqa: E402
 from unsloth_like.rl_handoff import install_rl_keywords  # noqa: E402
-from unsloth_like.testing.zoo import load_zoo_model  # noqa: E402
+from unsloth_like.testing.zoo import load_zoo_model, zoo_model_dir  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # SGD, not Adam: Adam's first step moves every weight by ~lr whatever the size of its gradient, so
@@ -57,13 +57,18 @@ def _pair(zoo_cache, quantized=False):
     ours = FastLanguageModel.get_peft_model(base, r=8, lora_alpha=16, target_modules=TARGETS, random_state=3407,
                                             use_gradient_checkpointing=False)
     peft.set_peft_model_state_dict(plain, peft.get_peft_model_state_dict(ours))
-    for model in (plain, ours):
+    _nonzero_b(plain, ours)
+    return plain, ours, tokenizer
+
+
+def _nonzero_b(*models):
+    """The same non-zero LoRA B matrices in every model (PEFT starts them at 0)."""
+    for model in models:
         generator = torch.Generator().manual_seed(5)
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 with torch.no_grad():
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return plain, ours, tokenizer
 
 
 def _train(trainer, uses_fused_head=True):
@@ -174,6 +179,39 @@ def test_reference_free_preference_trainers_match_plain_trl_and_peft(trainer_nam
         runs.append(_train(trainer_class(model=model, args=config, train_dataset=_preferences(),
                                          processing_class=tokenizer), uses_fused_head=False))
     _assert_same_run(*runs)
+
+
+@pytest.mark.slow
+def test_reward_trainer_matches_plain_trl_and_peft(zoo_cache, tmp_path):
+    """A reward model: ``from_pretrained(auto_model=AutoModelForSequenceClassification,
+    num_labels=1)`` (decoder patched, the ``score`` head upstream's and trained in full, as PEFT's
+    SEQ_CLS task does) under TRL's RewardTrainer."""
+    directory = str(zoo_model_dir("qwen2", zoo_cache))
+    ours, tokenizer = FastLanguageModel.from_pretrained(directory, load_in_4bit=False, num_labels=1,
+                                                        auto_model=transformers.AutoModelForSequenceClassification)
+    assert is_patched(ours) and ours.get_output_embeddings() is None
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1,
+                                                                            dtype=torch.float32)
+    with torch.no_grad():
+        plain.score.weight.copy_(ours.score.weight)
+    plain.config.pad_token_id = ours.config.pad_token_id
+    plain = peft.get_peft_model(plain, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                       task_type="SEQ_CLS"))
+    ours = FastLanguageModel.get_peft_model(ours, r=8, lora_alpha=16, target_modules=TARGETS, random_state=3407,
+                                            use_gradient_checkpointing=False)
+    assert ours.peft_config["default"].task_type == "SEQ_CLS"
+    peft.set_peft_model_state_dict(plain, peft.get_peft_model_state_dict(ours))
+    _nonzero_b(plain, ours)
+    data = Dataset.from_list([{"chosen": f"Question {i}: {i} plus {i} is {2 * i}.",
+                               "rejected": f"Question {i}: {i} plus {i} is maybe {i}."} for i in range(8)])
+    runs = []
+    for model in (plain, ours):
+        config = trl.RewardConfig(output_dir=str(tmp_path / "reward"), max_length=64, **COMMON)
+        runs.append(_train(trl.RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer),
+                           uses_fused_head=False))
+    _assert_same_run(*runs)
+    score = [dict(m.named_parameters())["base_model.model.score.modules_to_save.default.weight"] for m in (plain, ours)]
+    torch.testing.assert_close(score[1], score[0], rtol=0, atol=1e-6)  # the head trained in full, identically
 
 
 def _length_reward(completions, **kwargs):

@@ -39,7 +39,7 @@ import inspect
 import logging
 
 from .models.trl_head import take_over_fused_lm_head
-from .trainer import _SHIM_MARK
+from .trainer import _SHIM_MARK, processing_class_for
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +185,8 @@ def _trainer_init(original, config_class):
 def _translate(arguments: dict, legacy: dict, config_class) -> dict:
     updates = {}
     if "tokenizer" in legacy:
-        given = arguments.get("processing_class")
-        if given is not None and given is not legacy["tokenizer"]:
-            raise ValueError("The trainer got both tokenizer= and processing_class= with different objects; pass "
-                             "the tokenizer once, as processing_class=.")
-        updates["processing_class"] = legacy.pop("tokenizer")
+        trainer_name = config_class.__name__.removesuffix("Config") + "Trainer"
+        updates["processing_class"] = processing_class_for(arguments, legacy.pop("tokenizer"), trainer_name)
     if not legacy:
         return updates
     config = arguments.get("args")

@@ -401,15 +401,21 @@ def translate_legacy_sft_keywords(arguments: dict, legacy: dict) -> dict:
                          "drop them (packing is configured with SFTConfig(packing=True, packing_strategy=...)).")
     updates = {}
     if "tokenizer" in legacy:
-        given = arguments.get("processing_class")
-        if given is not None and given is not legacy["tokenizer"]:
-            raise ValueError("SFTTrainer got both tokenizer= and processing_class= with different objects; "
-                             "pass the tokenizer once, as processing_class=.")
-        updates["processing_class"] = legacy["tokenizer"]
+        updates["processing_class"] = processing_class_for(arguments, legacy["tokenizer"], "SFTTrainer")
     config_values = {LEGACY_CONFIG_KEYWORDS[k]: v for k, v in legacy.items() if k in LEGACY_CONFIG_KEYWORDS}
     if config_values:
         updates["args"] = _config_with(arguments.get("args"), arguments.get("model"), config_values, legacy)
     return updates
+
+
+def processing_class_for(arguments: dict, tokenizer, trainer_name: str):
+    """``tokenizer=`` (a trainer keyword before TRL 1.0) as ``processing_class``; a different
+    ``processing_class`` given as well is refused."""
+    given = arguments.get("processing_class")
+    if given is not None and given is not tokenizer:
+        raise ValueError(f"{trainer_name} got both tokenizer= and processing_class= with different objects; "
+                         "pass the tokenizer once, as processing_class=.")
+    return tokenizer
 
 
 def _config_with(config, model, values: dict, legacy: dict):

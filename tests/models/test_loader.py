@@ -192,3 +192,17 @@ def test_quantization_config_contradicting_a_flag_is_refused(kwargs, message, ll
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16)
     with pytest.raises(ValueError, match=message):
         FastLanguageModel.from_pretrained(str(llama_dir), quantization_config=config, **kwargs)
+
+
+def test_reward_model_head_is_loaded_and_its_keywords_checked(zoo_cache):
+    directory = str(zoo_model_dir("qwen2", zoo_cache))
+    with pytest.raises(ValueError, match="auto_model must be a transformers auto class"):
+        FastLanguageModel.from_pretrained(directory, load_in_4bit=False, auto_model="AutoModelForSequenceClassification")
+    with pytest.raises(ValueError, match="num_labels must be a positive integer"):
+        FastLanguageModel.from_pretrained(directory, load_in_4bit=False, num_labels=0)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        directory, load_in_4bit=False, auto_model=transformers.AutoModelForSequenceClassification, num_labels=2)
+    assert type(model).__name__ == "Qwen2ForSequenceClassification" and model.score.out_features == 2
+    assert is_patched(model)  # the decoder; the classifier head keeps upstream's forward
+    batch = tokenizer(["a kite", "two red kites"], return_tensors="pt", padding=True)
+    assert model(**batch).logits.shape == (2, 2)

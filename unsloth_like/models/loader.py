@@ -148,6 +148,7 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
     vision-language model (any config with a vision tower) with its processor."""
     check_mode(use_gradient_checkpointing)
     fast_inference = pop_fast_inference_options(kwargs)
+    auto_model, num_labels = _check_auto_model(kwargs.pop("auto_model", None), kwargs.pop("num_labels", None))
     user_quantization = kwargs.pop("quantization_config", None)
     quant = _resolve_quantization(load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning, user_quantization)
     check_max_seq_length(max_seq_length)
@@ -182,7 +183,9 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
     quantization_config = user_quantization or _quantization_config(quant, torch_dtype, keep)
     if quantization_config is not None:
         load_kwargs["quantization_config"] = quantization_config
-    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    if num_labels is not None:
+        config.num_labels = num_labels  # (with an explicit config, transformers ignores the keyword)
+    auto = auto_model or (transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM)
     model = auto.from_pretrained(model_name, **load_kwargs)
     source_dir = _tokenizer_source(adapter_dir, model_name)
     if vision:
@@ -280,6 +283,17 @@ def _check_user_quantization(config, load_in_4bit, load_in_8bit, load_in_16bit, 
             f"quantization_config ({type(config).__name__}, {kind}) contradicts {' and '.join(contradictions)}; "
             "pass the quantisation once: either the config or the load_in_* flag.")
     return kind
+
+
+def _check_auto_model(auto_model, num_labels):
+    """``auto_model=AutoModelForSequenceClassification, num_labels=1`` (a reward model, Unsloth's
+    keywords): any transformers auto class, and a positive label count."""
+    if auto_model is not None and not callable(getattr(auto_model, "from_pretrained", None)):
+        raise ValueError(f"auto_model must be a transformers auto class such as AutoModelForSequenceClassification, "
+                         f"got {auto_model!r}.")
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}.")
+    return auto_model, num_labels
 
 
 def check_max_seq_length(max_seq_length) -> None:

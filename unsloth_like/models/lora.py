@@ -95,7 +95,7 @@ def get_peft_model(
         r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, use_rslora=use_rslora,
         modules_to_save=modules_to_save, init_lora_weights=init_lora_weights,
-        use_dora=use_dora, task_type=kwargs.pop("task_type", "CAUSAL_LM"), **kwargs)
+        use_dora=use_dora, task_type=kwargs.pop("task_type", _task_type(base)), **kwargs)
 
     if isinstance(model, PeftModel):
         _check_same_adapter(model, config)
@@ -112,6 +112,12 @@ def get_peft_model(
     if peft_model is not model:
         _log_fusion(peft_model)
     return attach_fast_inference(accept_encoded_inputs(attach_save_methods(peft_model)))
+
+
+def _task_type(base) -> str:
+    """PEFT's task for the model: a sequence classifier (a reward model) trains its ``score`` head
+    in full (PEFT's ``modules_to_save`` for ``SEQ_CLS``), a language model is ``CAUSAL_LM``."""
+    return "SEQ_CLS" if type(base).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
 
 
 def _wrap(base, config, random_state: int):

@@ -62,7 +62,8 @@ def patch_model(model: nn.Module) -> PatchSpec | None:
     attach_fusion_log(lora_groups(model))
     if mlp_forward is None:
         logger.warning("hidden_act %r has no fused kernel here; the MLP runs upstream code.", activation)
-    _bind(root, make_causal_lm_forward(type(root).forward, spec.softcap_logits), records)
+    if root.get_output_embeddings() is not None:  # a language-model head (not a classifier's score)
+        _bind(root, make_causal_lm_forward(type(root).forward, spec.softcap_logits), records)
     setattr(root, _PATCHED_ATTR, records)
     return spec
 
