@@ -82,6 +82,9 @@ def _build(spec: dict):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if spec["variant"] == "unsloth_like":
+        from unsloth_like.rl_handoff import install_rl_keywords
+
+        install_rl_keywords()  # what from_pretrained installs: TRL's fused head then runs our CPU kernel
         patch_model(model)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS, random_state=0,
                                                 use_gradient_checkpointing=False), tokenizer
