@@ -32,6 +32,7 @@ from unsloth_like.models import is_patched, patch_model  # noqa: E402
 from unsloth_like.rl_handoff import install_rl_keywords  # noqa: E402
 from unsloth_like.testing.zoo import load_zoo_model, zoo_model_dir  # noqa: E402
 
+TRL_FUSED_HEAD = hasattr(trl.trainer.utils, "add_fused_lm_head")  # TRL >= 1.11
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # SGD, not Adam: Adam's first step moves every weight by ~lr whatever the size of its gradient, so
 # rounding-level gradient differences would show as lr-sized weight differences; SGD keeps them small.
@@ -76,8 +77,8 @@ def _train(trainer, uses_fused_head=True):
     first_step = {}
     trainer.add_callback(_RecordFirstStep(first_step))
     base = trainer.model.get_base_model()
-    # TRL's fused LM head (add_fused_lm_head) runs our CPU kernel on our models, TRL's own on plain ones
-    assert getattr(base.forward, "_unsloth_like_token_log_probs", False) == is_patched(base) or not uses_fused_head
+    if uses_fused_head and TRL_FUSED_HEAD:  # TRL's fused LM head runs our CPU kernel on our models only
+        assert getattr(base.forward, "_unsloth_like_token_log_probs", False) == is_patched(base)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}

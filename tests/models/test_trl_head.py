@@ -5,13 +5,16 @@ for field (and the same gradients); other calls, and models we did not patch, ar
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 
 import pytest
 import torch
 
-pytest.importorskip("trl")
-from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+trl_utils = pytest.importorskip("trl.trainer.utils")
+if not hasattr(trl_utils, "add_fused_lm_head"):
+    pytest.skip("this TRL has no fused LM head (added in TRL 1.11)", allow_module_level=True)
+add_fused_lm_head = trl_utils.add_fused_lm_head
 
 from unsloth_like.kernels import use_backend  # noqa: E402
 from unsloth_like.models import patch_model  # noqa: E402
@@ -41,8 +44,13 @@ def test_our_fused_head_gives_trls_output_and_gradients(zoo_cache, temperature):
     assert take_over_fused_lm_head(types.SimpleNamespace(model=base)) == 1
     assert take_over_fused_lm_head(types.SimpleNamespace(model=base)) == 0  # once
     batch = _batch(700)
+    # TRL passes logits_to_keep only when the forward's signature shows it
+    assert "logits_to_keep" in inspect.signature(base.forward).parameters
+    head_calls = []
+    base.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
     with use_backend("torch"):
         ours_out = base(**batch, fused_lm_head=True)
+        assert not head_calls  # the head's weight is read in chunks: no (batch, seq, vocab) logits
         trl_out = theirs(**batch, fused_lm_head=True)
         torch.testing.assert_close(ours_out.label_mask, trl_out.label_mask)
         for name in OUTPUTS:
