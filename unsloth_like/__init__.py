@@ -7,8 +7,8 @@ plain Hugging Face ones. Importing this package changes nothing in transformers,
 from .chat_templates import apply_chat_template, get_chat_template, standardize_sharegpt, to_sharegpt
 from .env import env_report, is_bfloat16_supported
 from .models.loader import FastLanguageModel, FastModel, FastVisionModel
-from .models.sampling import SamplingParams
 from .models.patching import patch_model, unpatch
+from .models.sampling import SamplingParams
 from .responses_only import train_on_responses_only
 from .vision_collator import UnslothVisionDataCollator
 

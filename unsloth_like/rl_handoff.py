@@ -26,7 +26,9 @@ functions.
 **Trainers** (the same six): ``tokenizer=`` is ``processing_class=``; keywords that are fields of
 the trainer's config (``DPOTrainer(beta=0.1, max_length=1024, ...)``, the pre-1.0 API) are set
 on a copy of the config, and ``max_prompt_length=`` is kept as above. A keyword contradicting the
-config raises rather than picking one.
+config raises rather than picking one. After TRL's ``__init__`` returns, the trainer goes to
+``models.trl_head.take_over_fused_lm_head`` (as ``SFTTrainer``'s does): on the models we patched,
+TRL's fused LM head computes on the CPU with our ``kernels.token_log_probs``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import functools
 import importlib
 import inspect
 import logging
+import warnings
 
 from .models.trl_head import take_over_fused_lm_head
 from .trainer import _SHIM_MARK, processing_class_for
@@ -78,7 +81,9 @@ def uninstall_rl_keywords() -> None:
 def _classes():
     for module_name, trainer_name, config_name in RL_TRAINERS:
         try:
-            module = importlib.import_module(module_name)
+            with warnings.catch_warnings():  # TRL warns on importing trl.experimental: we wrap, not use, it
+                warnings.filterwarnings("ignore", message=".*trl.experimental")
+                module = importlib.import_module(module_name)
         except ImportError:  # trl.experimental moves between releases
             continue
         trainer_class, config_class = getattr(module, trainer_name, None), getattr(module, config_name, None)

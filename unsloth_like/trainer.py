@@ -52,6 +52,10 @@ notebooks set all three by hand; forgetting one fails in ways far from the cause
 a Python list of conversations as ``train_dataset``, which TRL refuses: it gets a dataset of row
 numbers instead, which a copy of the collator resolves against the list.
 
+**TRL's fused LM head.** After TRL's ``__init__`` returns, the same wrapper hands the trainer to
+``models.trl_head.take_over_fused_lm_head``: on the models we patched (only those), TRL's fused LM
+head then computes on the CPU with our ``kernels.token_log_probs``, output for output.
+
 **UnslothTrainer** / **UnslothTrainingArguments(embedding_learning_rate=…)**: an ``SFTTrainer``
 whose optimizer puts the trainable embedding and lm_head weights (``modules_to_save`` copies,
 trainable-token deltas, or the weights themselves in full finetuning) in their own parameter

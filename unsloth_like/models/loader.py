@@ -25,12 +25,12 @@ import torch
 
 from ..chat_templates import stop_on_tokenizer_eos
 from ..env import is_bfloat16_supported
-from ..save.merged import attach_export_methods, attach_save_methods
 from ..rl_handoff import install_rl_keywords
+from ..save.merged import attach_export_methods, attach_save_methods
 from ..trainer import install_legacy_sft_keywords, install_precision_default
 from .checkpointing import check_mode, set_gradient_checkpointing
-from .generation import accept_encoded_inputs
 from .fast_inference import attach_fast_inference, check_lora_rank, pop_fast_inference_options
+from .generation import accept_encoded_inputs
 from .lora import get_peft_model
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import patch_model, unpatch

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..save.merged import attach_save_methods
 from .checkpointing import check_mode, set_gradient_checkpointing
-from .generation import accept_encoded_inputs
 from .fast_inference import attach_fast_inference, check_lora_rank
+from .generation import accept_encoded_inputs
 from .loftq import apply_loftq, check_loftq_config
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import is_patched, lora_fusion_report, patch_model, unpatch
