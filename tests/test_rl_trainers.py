@@ -106,9 +106,12 @@ def _assert_same_run(plain, ours, keys=("loss",)):
     bf16_updates = any(weight.dtype == torch.bfloat16 for weight in weights_plain.values())
     for step, (step_plain, step_ours) in enumerate(zip(logged_plain, logged_ours)):
         for key in keys:
-            # The KL after a bf16-rounded update (QLoRA, below) measures that update itself, which is
-            # only a few bf16 ulps in size: it carries their rounding, about 2^-8 each
-            relative = 2**-6 if key == "kl" and step > 0 and bf16_updates else 1e-4
+            # The KL after a bf16-rounded update (QLoRA, below) measures that update itself. Each
+            # weight's realised update is a whole number of bf16 ulps, so a weight whose exact update
+            # lies near a rounding boundary moves one ulp in one stack and none in the other: up to
+            # its whole update. Measured 0.8% (TRL 1.16) and 2.8% (TRL 1.10, full logits) apart;
+            # the first step (weights, below) is the tight check.
+            relative = 2**-3 if key == "kl" and step > 0 and bf16_updates else 1e-4
             assert step_ours[key] == pytest.approx(step_plain[key], rel=relative, abs=1e-6), key
     assert weights_plain.keys() == weights_ours.keys() == first_plain["after"].keys()
     for name, plain_weight in weights_plain.items():
