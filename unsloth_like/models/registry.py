@@ -103,6 +103,8 @@ register(PatchSpec("llama", "LlamaRMSNorm", "LlamaAttention", "LlamaMLP"))
 register(PatchSpec("mistral", "MistralRMSNorm", "MistralAttention", "MistralMLP", sliding_window="config"))
 register(PatchSpec("qwen2", "Qwen2RMSNorm", "Qwen2Attention", "Qwen2MLP", sliding_window="module"))
 register(PatchSpec("qwen3", "Qwen3RMSNorm", "Qwen3Attention", "Qwen3MLP", sliding_window="module", qk_norm=True))
+register(PatchSpec("gemma3_text", "Gemma3RMSNorm", "Gemma3Attention", "Gemma3MLP", sliding_window="module",
+                   qk_norm=True, norm_offset=1.0))
 
 register_vision(VisionSpec(PatchSpec("qwen2_vl", "Qwen2VLRMSNorm", "Qwen2VLAttention", "Qwen2MLP",
                                      sliding_window="module", softcap_logits=False), mmproj="qwen2vl_merger"))

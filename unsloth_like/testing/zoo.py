@@ -136,6 +136,21 @@ ZOO: dict[str, ZooSpec] = {
             notes="q/k RMSNorm, head_dim 64 != 144/4, untied, GQA 2:1",
         ),
         ZooSpec(
+            name="gemma3_text",
+            config_class="Gemma3TextConfig",
+            config={**_COMMON, "vocab_size": 1043, "hidden_size": 136, "intermediate_size": 304,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 48, "query_pre_attn_scalar": 48,
+                    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                    "tie_word_embeddings": True},
+            tokenizer="gemma3",
+            notes="Gemma 3 text (Gemma3ForCausalLM): (1 + w) RMSNorms, q/k norms, GeGLU (tanh), embeddings "
+                  "scaled by sqrt(hidden), head_dim 48 != 136/4, one sliding (window 16, RoPE base 1e4) and one "
+                  "full layer (base 1e6), tied, SentencePiece-style tokenizer",
+        ),
+        ZooSpec(
             name="qwen2_vl",
             config_class="Qwen2VLConfig",
             config={
