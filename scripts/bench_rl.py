@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from unsloth_like.testing.memory import peak_rss_bytes, rss_bytes
 from unsloth_like.testing.reports import write_report
@@ -50,8 +51,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _model_config(device: str, vocab: int):
-    import transformers
-
     if device == "cuda":  # Llama-3.1-8B dimensions
         return transformers.LlamaConfig(
             vocab_size=vocab, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -66,7 +65,6 @@ def _model_config(device: str, vocab: int):
 def _build(spec: dict):
     """(PEFT model, tokenizer) for the variant: seeded weights, adapters seeded right before."""
     import peft
-    import transformers
 
     from unsloth_like import FastLanguageModel
     from unsloth_like.models import patch_model
@@ -117,27 +115,21 @@ def _reward(completion_ids, **kwargs):
     return [float(sum(ids) % 7) for ids in completion_ids]
 
 
-class _StepTimer:
-    """Wall time of each optimizer step (a ``TrainerCallback``; built lazily: transformers' base)."""
+class _StepTimer(transformers.TrainerCallback):
+    """Wall time of each optimizer step."""
 
-    def __new__(cls):
-        import transformers
+    def __init__(self):
+        self.seconds, self._started = [], None
 
-        class Timer(transformers.TrainerCallback):
-            def __init__(self):
-                self.seconds, self._started = [], None
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._started = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self._started = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.seconds.append(time.perf_counter() - self._started)
-
-        return Timer()
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._started)
 
 
 def run_head(spec: dict) -> dict:
@@ -271,7 +263,6 @@ def main() -> None:
 
 def _report(device_name: str, rows: list[dict]) -> dict:
     import peft
-    import transformers
     import trl
 
     report = {"device": device_name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,

@@ -459,7 +459,7 @@ def _set_mode(model, training: bool):
     model.config.get_text_config().use_cache = not training
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
-    tokenizer = tokenizer_of(model)
+    tokenizer = _TOKENIZERS.get(base)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's own tokenizer does the padding
     if tokenizer is not None:
         tokenizer.padding_side = "right" if training else "left"
