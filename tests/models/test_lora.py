@@ -93,7 +93,7 @@ def _logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"])
 def test_fused_lora_matches_plain_peft(name, zoo_cache):
     fast, plain, tokenizer = _pair(name, zoo_cache, use_rslora=(name == "qwen2"))
     assert isinstance(fast, peft.PeftModel)

@@ -18,7 +18,7 @@ from unsloth_like.testing.zoo import load_zoo_model
 
 from ..kernels.tolerances import assert_close_normwise
 
-TEXT_MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+TEXT_MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
 TEXTS = ["What is 3 plus 4? It is 7.", "Describe a red kite, please."]
 
 
@@ -148,6 +148,37 @@ def test_qwen3_qk_norms_are_patched_too(zoo_cache):
     _, fast, _ = _pair("qwen3", zoo_cache)
     attention = fast.model.layers[0].self_attn
     assert "forward" in attention.q_norm.__dict__ and "forward" in attention.k_norm.__dict__
+
+
+def test_gemma2_soft_capping_is_applied_like_upstream(zoo_cache):
+    """Random weights keep attention scores and logits far below Gemma 2's caps (50 and 30), where
+    tanh capping is the identity to fp32 rounding; caps of 0.05 and 0.5 make both bite. The
+    patched model must match upstream there, and differ from the uncapped model (so a dropped cap
+    fails this test)."""
+    base, fast, tokenizer = _pair("gemma2", zoo_cache)
+    assert base.config._attn_implementation == "eager"  # SDPA cannot soft-cap: upstream refuses it
+    uncapped = copy.deepcopy(fast)
+    for model, cap in ((base, 0.05), (fast, 0.05), (uncapped, None)):
+        model.config.final_logit_softcapping = None if cap is None else 0.5
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = cap
+    batch = _batch(tokenizer)
+    out_base, grads_base = _train_step(base, batch)
+    out_fast, grads_fast = _train_step(fast, batch)
+    out_uncapped, _ = _train_step(uncapped, batch)
+    assert abs(out_fast.loss.item() - out_base.loss.item()) <= 1e-5
+    assert abs(out_uncapped.loss.item() - out_base.loss.item()) > 1e-2
+    for param_name, grad in grads_base.items():
+        assert_close_normwise(grads_fast[param_name], grad, torch.float32, factor=50)
+
+
+def test_models_load_with_the_attention_their_architecture_supports(zoo_cache):
+    from unsloth_like import FastLanguageModel
+    from unsloth_like.testing.zoo import zoo_model_dir
+
+    gemma2, _ = FastLanguageModel.from_pretrained(str(zoo_model_dir("gemma2", zoo_cache)), load_in_4bit=False)
+    llama, _ = FastLanguageModel.from_pretrained(str(zoo_model_dir("llama", zoo_cache)), load_in_4bit=False)
+    assert (gemma2.config._attn_implementation, llama.config._attn_implementation) == ("eager", "sdpa")
 
 
 def test_patch_is_idempotent(zoo_cache):

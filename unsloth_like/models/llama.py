@@ -97,6 +97,8 @@ def make_attention_forward(spec: PatchSpec):
             extra["sliding_window"] = getattr(self.config, "sliding_window", None)
         elif spec.sliding_window == "module":
             extra["sliding_window"] = self.sliding_window
+        if spec.softcap_attention:
+            extra["softcap"] = self.attn_logit_softcapping
         attn_output, attn_weights = attention(
             self, query, key, value, attention_mask,
             dropout=0.0 if not self.training else _dropout(self),

@@ -174,7 +174,6 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
     load_kwargs = {
         "config": config, "dtype": torch_dtype, "token": token, "revision": revision,
         "trust_remote_code": trust_remote_code,
-        "attn_implementation": attn_implementation or "sdpa",
         **kwargs,
     }
     if device != "cpu":
@@ -186,6 +185,7 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
     if num_labels is not None:
         config.num_labels = num_labels  # (with an explicit config, transformers ignores the keyword)
     auto = auto_model or (transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM)
+    load_kwargs["attn_implementation"] = attn_implementation or default_attention(auto, config)
     model = auto.from_pretrained(model_name, **load_kwargs)
     source_dir = _tokenizer_source(adapter_dir, model_name)
     if vision:
@@ -331,9 +331,19 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     return dtype
 
 
-# Families whose activations overflow fp16 (Gemma 3's grow past 65504): on a GPU without bf16 the
+# Families whose activations overflow fp16 (Gemma 2's and 3's grow past 65504): on a GPU without bf16 the
 # default dtype is fp32 for them, as Unsloth's float32 mixed precision does.
-FP16_OVERFLOWS = ("gemma3", "gemma3_text")
+FP16_OVERFLOWS = ("gemma2", "gemma3", "gemma3_text")
+
+
+def default_attention(auto, config) -> str:
+    """SDPA where the architecture supports it, else eager: Gemma 2 refuses SDPA because SDPA cannot
+    apply its attention-logit soft-capping (upstream's own choice for it is eager too)."""
+    try:
+        model_class = auto._model_mapping[type(config)]
+    except (KeyError, AttributeError):  # remote code or a custom auto class: transformers decides
+        return "sdpa"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
 
 
 def _family_dtype(config, default: torch.dtype) -> torch.dtype:

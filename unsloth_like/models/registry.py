@@ -26,7 +26,10 @@ class PatchSpec:
     Gemma 3). ``norm_offset``: 1.0 for Gemma's ``(1 + weight)`` norms (computed in fp32, one cast
     at the end), 0.0 for Llama's. ``softcap_logits``: whether the model's own head applies
     ``final_logit_softcapping`` when the config sets it (Gemma 2/3 text models do; transformers'
-    multimodal heads never do), which the fused loss must then do too.
+    multimodal heads never do), which the fused loss must then do too. ``softcap_attention``: the
+    upstream attention hands ``attn_logit_softcapping`` to its attention function (Gemma 2), which
+    only the eager implementation (and flash/flex) can apply. ``packed_projections``: q/k/v live in
+    one ``qkv_proj`` and gate/up in one ``gate_up_proj`` (Phi-3/Phi-4; ``models.phi3``).
     """
 
     model_type: str
@@ -37,6 +40,8 @@ class PatchSpec:
     qk_norm: bool = False
     norm_offset: float = 0.0
     softcap_logits: bool = True
+    softcap_attention: bool = False
+    packed_projections: bool = False
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -103,6 +108,8 @@ register(PatchSpec("llama", "LlamaRMSNorm", "LlamaAttention", "LlamaMLP"))
 register(PatchSpec("mistral", "MistralRMSNorm", "MistralAttention", "MistralMLP", sliding_window="config"))
 register(PatchSpec("qwen2", "Qwen2RMSNorm", "Qwen2Attention", "Qwen2MLP", sliding_window="module"))
 register(PatchSpec("qwen3", "Qwen3RMSNorm", "Qwen3Attention", "Qwen3MLP", sliding_window="module", qk_norm=True))
+register(PatchSpec("gemma2", "Gemma2RMSNorm", "Gemma2Attention", "Gemma2MLP", sliding_window="module",
+                   norm_offset=1.0, softcap_attention=True))
 register(PatchSpec("gemma3_text", "Gemma3RMSNorm", "Gemma3Attention", "Gemma3MLP", sliding_window="module",
                    qk_norm=True, norm_offset=1.0))
 

@@ -136,6 +136,21 @@ ZOO: dict[str, ZooSpec] = {
             notes="q/k RMSNorm, head_dim 64 != 144/4, untied, GQA 2:1",
         ),
         ZooSpec(
+            name="gemma2",
+            config_class="Gemma2Config",
+            config={**_COMMON, "vocab_size": 1031, "hidden_size": 152, "intermediate_size": 296,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 40, "query_pre_attn_scalar": 40,
+                    "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                    "tie_word_embeddings": True},
+            tokenizer="gemma3",
+            notes="Gemma 2 (Gemma2ForCausalLM): (1 + w) RMSNorms before and after attention and MLP, GeGLU "
+                  "(tanh), attention and final-logit soft-capping, head_dim 40 != 152/4, one sliding (window "
+                  "16) and one full layer, tied, SentencePiece-style tokenizer; loads with eager attention",
+        ),
+        ZooSpec(
             name="gemma3_text",
             config_class="Gemma3TextConfig",
             config={**_COMMON, "vocab_size": 1043, "hidden_size": 136, "intermediate_size": 304,
