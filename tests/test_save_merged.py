@@ -58,7 +58,7 @@ def _logits_and_greedy(model, tokenizer):
     return logits, tokens
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
 def test_merged_16bit_reloads_as_the_lora_model(name, zoo_cache, tmp_path):
     model, tokenizer = _trained(name, zoo_cache, use_rslora=name == "qwen3")
     out = model.save_pretrained_merged(tmp_path / "merged", tokenizer, save_method="merged_16bit")

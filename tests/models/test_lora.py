@@ -51,6 +51,10 @@ def _perturb_adapters(model, seed=0):
                 param.copy_(torch.randn(param.shape, generator=g).to(param.dtype) * 0.05)
 
 
+# What Llama's default target names mean on Phi-3's packed projections (plain PEFT needs them spelled out).
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
 def _pair(name, zoo_cache, load_in_4bit=False, perturb=True, fast_kwargs=None, plain_kwargs=None, **lora):
     """(fast PEFT model, plain PEFT model, tokenizer) with identical adapters."""
     base, tokenizer = load_zoo_model(name, cache_dir=zoo_cache, load_in_4bit=load_in_4bit)
@@ -61,12 +65,14 @@ def _pair(name, zoo_cache, load_in_4bit=False, perturb=True, fast_kwargs=None, p
     patch_model(base)
     options = {"r": 8, "lora_alpha": 16, **lora}
     fast = FastLanguageModel.get_peft_model(base, use_gradient_checkpointing=False, **options, **(fast_kwargs or {}))
-    config = peft.LoraConfig(target_modules=list(options.pop("target_modules", DEFAULT_TARGET_MODULES)),
-                             task_type="CAUSAL_LM", **options, **(plain_kwargs or {}))
+    targets = options.pop("target_modules", PHI3_TARGETS if name == "phi3" else DEFAULT_TARGET_MODULES)
+    config = peft.LoraConfig(target_modules=list(targets), task_type="CAUSAL_LM", **options, **(plain_kwargs or {}))
     plain = peft.get_peft_model(plain_base, config)
     if perturb:
         _perturb_adapters(fast)
-    peft.set_peft_model_state_dict(plain, peft.get_peft_model_state_dict(fast))
+    adapters = peft.get_peft_model_state_dict(fast)
+    assert adapters.keys() == peft.get_peft_model_state_dict(plain).keys()  # the same layers carry adapters
+    peft.set_peft_model_state_dict(plain, adapters)
     return fast, plain, tokenizer
 
 
@@ -93,7 +99,7 @@ def _logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
 def test_fused_lora_matches_plain_peft(name, zoo_cache):
     fast, plain, tokenizer = _pair(name, zoo_cache, use_rslora=(name == "qwen2"))
     assert isinstance(fast, peft.PeftModel)
@@ -104,10 +110,22 @@ def test_fused_lora_matches_plain_peft(name, zoo_cache):
     torch.testing.assert_close(_logits(fast, batch), _logits(plain, batch), rtol=0, atol=1e-4)
 
 
-def test_fused_qlora_matches_plain_peft(zoo_cache):
+def test_phi3_takes_llama_target_names_on_its_packed_projections(zoo_cache, caplog):
+    base, _ = load_zoo_model("phi3", cache_dir=zoo_cache)
+    model = FastLanguageModel.get_peft_model(copy.deepcopy(base), use_gradient_checkpointing=False)
+    assert set(model.peft_config["default"].target_modules) == set(PHI3_TARGETS)
+    with caplog.at_level(logging.WARNING):
+        partial = FastLanguageModel.get_peft_model(copy.deepcopy(base), target_modules=["q_proj", "v_proj", "up_proj"],
+                                                   use_gradient_checkpointing=False)
+    assert set(partial.peft_config["default"].target_modules) == {"qkv_proj", "gate_up_proj"}
+    assert "covers k_proj too" in caplog.text and "covers gate_proj too" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["phi3", "llama"])
+def test_fused_qlora_matches_plain_peft(name, zoo_cache):
     """NF4 bases (bitsandbytes on CPU): the fused path dequantises with our kernel. Training only:
     on CPU a no-grad forward makes bitsandbytes repack its weights (see zoo.load_zoo_model)."""
-    fast, plain, tokenizer = _pair("llama", zoo_cache, load_in_4bit=True)
+    fast, plain, tokenizer = _pair(name, zoo_cache, load_in_4bit=True)
     assert set(lora_fusion_report(fast).values()) == {"fused"}
     _assert_same_training_step(fast, plain, _batch(tokenizer))
 

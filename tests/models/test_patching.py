@@ -18,7 +18,7 @@ from unsloth_like.testing.zoo import load_zoo_model
 
 from ..kernels.tolerances import assert_close_normwise
 
-TEXT_MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"]
+TEXT_MODELS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
 TEXTS = ["What is 3 plus 4? It is 7.", "Describe a red kite, please."]
 
 

@@ -1,5 +1,6 @@
-"""Training forwards for the Llama-shaped decoders (Llama, Mistral, Qwen2, Qwen3, and the language
-decoders of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3 and Llama 3.2 Vision).
+"""Training forwards for the Llama-shaped decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
+Phi-3 with ``models.phi3``'s packed projections, and the language decoders of Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, Gemma 3 and Llama 3.2 Vision).
 
 Each function here is bound to *one module instance* by ``models.patching`` and replaces that
 instance's ``forward``; the classes in transformers are never touched. They compute exactly what
@@ -27,6 +28,7 @@ import torch
 
 from ..kernels import apply_rope, geglu, layer_norm, rms_norm, swiglu
 from .lora_fusion import fused_mlp, fused_o, fused_qkv
+from .phi3 import make_packed_mlp_forward, packed_qkv
 from .registry import PatchSpec
 
 # transformers' activation names -> ours (kernels.swiglu / kernels.lora); others run upstream code
@@ -49,14 +51,22 @@ def layer_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return layer_norm(hidden_states, self.weight, self.bias, self.eps)
 
 
-def make_mlp_forward(activation: str):
-    """The gated MLP for one of ``MLP_ACTIVATIONS``' values."""
+def gated_activation(activation: str):
+    """``gate(g, u)``: the gated-activation kernel for one of ``MLP_ACTIVATIONS``' values."""
     if activation == "silu":
         def gate(g, u):
             return swiglu(g, u)
     else:
         def gate(g, u):
             return geglu(g, u, approximate="tanh")
+    return gate
+
+
+def make_mlp_forward(activation: str, spec: PatchSpec):
+    """The gated MLP for one of ``MLP_ACTIVATIONS``' values (packed gate/up: ``models.phi3``)."""
+    gate = gated_activation(activation)
+    if spec.packed_projections:
+        return make_packed_mlp_forward(gate)
 
     def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_mlp(self, x, activation)
@@ -68,17 +78,16 @@ def make_mlp_forward(activation: str):
 
 
 def make_attention_forward(spec: PatchSpec):
-    """The attention forward for one architecture (sliding window and q/k norm differ)."""
+    """The attention forward for one architecture (sliding window, q/k norm, soft-capping and
+    packed q/k/v differ)."""
+    project_qkv = packed_qkv if spec.packed_projections else _separate_qkv
 
     def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        qkv = fused_qkv(self, hidden_states)
-        if qkv is None:
-            qkv = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        query, key, value = (t.view(hidden_shape) for t in qkv)
+        query, key, value = (t.view(hidden_shape) for t in project_qkv(self, hidden_states))
         if spec.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -109,6 +118,13 @@ def make_attention_forward(spec: PatchSpec):
         return (self.o_proj(attn_output) if output is None else output), attn_weights
 
     return attention_forward
+
+
+def _separate_qkv(attention, hidden_states: torch.Tensor):
+    qkv = fused_qkv(attention, hidden_states)
+    if qkv is None:
+        qkv = attention.q_proj(hidden_states), attention.k_proj(hidden_states), attention.v_proj(hidden_states)
+    return qkv
 
 
 def _dropout(attention) -> float:

@@ -35,6 +35,7 @@ from .generation import accept_encoded_inputs
 from .loftq import apply_loftq, check_loftq_config
 from .nf4_cpu_guard import guard_4bit_layers
 from .patching import is_patched, lora_fusion_report, patch_model, unpatch
+from .phi3 import packed_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _check_arguments(model, r, target_modules, lora_alpha, lora_dropout, bias, l
 
 def _check_target_modules(model, names, target_modules):
     if target_modules is None:
-        return list(DEFAULT_TARGET_MODULES)
+        target_modules = DEFAULT_TARGET_MODULES
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             return target_modules
@@ -191,6 +192,7 @@ def _check_target_modules(model, names, target_modules):
         raise ValueError(f"target_modules must be a list of module names, a regex or 'all-linear', got {target_modules!r}.")
     if not target_modules:
         raise ValueError("target_modules is empty; name at least one module (or pass 'all-linear').")
+    target_modules = packed_target_modules(names, target_modules)  # Phi-3's qkv_proj / gate_up_proj
     missing = [t for t in target_modules if not any(_suffix_match(n, t) for n in names)]
     if missing:
         raise ValueError(f"target_modules names modules this model does not have: {sorted(missing)}; "

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 _LOG_ATTR = "_unsloth_like_fusion_log"
 QKV = ("q_proj", "k_proj", "v_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+PACKED_QKV = ("qkv_proj",)  # Phi-3: q, k and v in one layer
+PACKED_MLP = ("gate_up_proj", "down_proj")  # Phi-3: gate and up in one layer
 
 
 class Fallback:
@@ -176,6 +178,24 @@ def fused_o(attention: nn.Module, attn_output: torch.Tensor):
 def fused_mlp(mlp: nn.Module, x: torch.Tensor, activation: str):
     plan = _plan(mlp, MLP, x)
     return None if plan is None else lora_mlp(x, *plan, activation=activation)
+
+
+def fused_packed_qkv(attention: nn.Module, hidden_states: torch.Tensor):
+    """``qkv_proj``'s output (split by the caller), or None for PEFT's module."""
+    plan = _plan(attention, PACKED_QKV, hidden_states)
+    return None if plan is None else lora_linear(hidden_states, plan[0])
+
+
+def fused_packed_mlp(mlp: nn.Module, x: torch.Tensor, gate):
+    """``down(gate(g, u))`` with ``g, u`` the halves of ``gate_up_proj(x)``; ``gate`` is the gated
+    activation. Two LoRA projections around the activation kernel: a packed NF4 weight cannot be
+    split into the separate gate and up weights ``lora_mlp`` takes."""
+    plan = _plan(mlp, PACKED_MLP, x)
+    if plan is None:
+        return None
+    gate_up, down = plan
+    g, u = lora_linear(x, gate_up).chunk(2, dim=-1)
+    return lora_linear(gate(g, u), down)
 
 
 def _plan(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor):

@@ -16,7 +16,7 @@ from torch import nn
 
 from .causal_lm import make_causal_lm_forward
 from .llama import MLP_ACTIVATIONS, layer_norm_forward, make_attention_forward, make_mlp_forward, make_rms_norm_forward
-from .lora_fusion import MLP, QKV, attach_fusion_log, detach_fusion_log, fusion_report
+from .lora_fusion import MLP, PACKED_MLP, PACKED_QKV, QKV, attach_fusion_log, detach_fusion_log, fusion_report
 from .registry import PatchSpec, spec_for, vision_spec_for
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def patch_model(model: nn.Module) -> PatchSpec | None:
     records: list = []
     activation = _mlp_activation(root.config.get_text_config())
     norm_forward, attention_forward = make_rms_norm_forward(spec), make_attention_forward(spec)
-    mlp_forward = make_mlp_forward(MLP_ACTIVATIONS[activation]) if activation in MLP_ACTIVATIONS else None
+    mlp_forward = make_mlp_forward(MLP_ACTIVATIONS[activation], spec) if activation in MLP_ACTIVATIONS else None
     vision = vision_spec_for(model_type) is not None
     for module in root.modules():
         name = type(module).__name__
@@ -85,18 +85,19 @@ def unpatch(model: nn.Module) -> None:
 def lora_groups(model: nn.Module) -> dict:
     """The fused-LoRA groups of a patched model: ``{name: (owner module, projection names)}``,
     e.g. ``"model.layers.0.self_attn.qkv"`` -> the attention module and ``("q_proj", "k_proj",
-    "v_proj")``. Names are relative to ``model`` as given (a PEFT model's include its prefix)."""
+    "v_proj")`` (``("qkv_proj",)`` for packed projections). Names are relative to ``model`` as given (a PEFT model's include its prefix)."""
     spec = spec_for(_root(model).config.model_type)
     groups = {}
     if spec is None:
         return groups
+    qkv, mlp = (PACKED_QKV, PACKED_MLP) if spec.packed_projections else (QKV, MLP)
     for name, module in model.named_modules():
         kind = type(module).__name__
         if kind == spec.attention and _is_bound(module):
-            groups[f"{name}.qkv"] = (module, QKV)
+            groups[f"{name}.qkv"] = (module, qkv)
             groups[f"{name}.o_proj"] = (module, ("o_proj",))
         elif kind == spec.mlp and _is_bound(module):
-            groups[name] = (module, MLP)
+            groups[name] = (module, mlp)
     return groups
 
 

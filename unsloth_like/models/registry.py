@@ -108,6 +108,8 @@ register(PatchSpec("llama", "LlamaRMSNorm", "LlamaAttention", "LlamaMLP"))
 register(PatchSpec("mistral", "MistralRMSNorm", "MistralAttention", "MistralMLP", sliding_window="config"))
 register(PatchSpec("qwen2", "Qwen2RMSNorm", "Qwen2Attention", "Qwen2MLP", sliding_window="module"))
 register(PatchSpec("qwen3", "Qwen3RMSNorm", "Qwen3Attention", "Qwen3MLP", sliding_window="module", qk_norm=True))
+register(PatchSpec("phi3", "Phi3RMSNorm", "Phi3Attention", "Phi3MLP", sliding_window="config",
+                   packed_projections=True))
 register(PatchSpec("gemma2", "Gemma2RMSNorm", "Gemma2Attention", "Gemma2MLP", sliding_window="module",
                    norm_offset=1.0, softcap_attention=True))
 register(PatchSpec("gemma3_text", "Gemma3RMSNorm", "Gemma3Attention", "Gemma3MLP", sliding_window="module",

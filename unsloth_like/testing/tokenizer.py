@@ -101,6 +101,13 @@ GEMMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
+PHI4_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
 MISTRAL_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -115,7 +122,7 @@ MISTRAL_CHAT_TEMPLATE = (
 class TokenizerSpec:
     """Everything that determines a zoo tokenizer; its ``key`` names the cache entry."""
 
-    style: str  # "llama3" | "qwen2" | "spm" | "gemma3"
+    style: str  # "llama3" | "qwen2" | "spm" | "gemma3" (the split/normalisation; "phi4" is a "llama3")
     vocab_size: int
     special_tokens: tuple[str, ...]
     bos_token: str | None
@@ -180,6 +187,19 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
         add_bos=True,
         named_tokens=(("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
                       ("image_token", "<image_soft_token>")),
+    ),
+    # Phi-4's shape: a cl100k-style byte-level BPE (Llama 3's split regex), no BOS, and its own
+    # chat template (<|im_start|>role<|im_sep|>content<|im_end|>).
+    "phi4": TokenizerSpec(
+        style="llama3",
+        vocab_size=1000,
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|dummy_85|>"),
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|dummy_85|>",
+        unk_token=None,
+        chat_template=PHI4_CHAT_TEMPLATE,
+        add_bos=False,
     ),
     "llama3_vision": TokenizerSpec(
         style="llama3",

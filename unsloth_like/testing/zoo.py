@@ -136,6 +136,18 @@ ZOO: dict[str, ZooSpec] = {
             notes="q/k RMSNorm, head_dim 64 != 144/4, untied, GQA 2:1",
         ),
         ZooSpec(
+            name="phi3",
+            config_class="Phi3Config",
+            config={**_COMMON, "vocab_size": 1033, "hidden_size": 160, "intermediate_size": 296,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                    "sliding_window": None, "tie_word_embeddings": True,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 250000.0,
+                                        "partial_rotary_factor": 0.75}},
+            tokenizer="phi4",
+            notes="Phi-4-mini's shape (Phi3ForCausalLM): packed qkv_proj and gate_up_proj, partial rotary "
+                  "(30 of head_dim 40), GQA 2:1, tied, Phi-4's byte-level tokenizer and chat template",
+        ),
+        ZooSpec(
             name="gemma2",
             config_class="Gemma2Config",
             config={**_COMMON, "vocab_size": 1031, "hidden_size": 152, "intermediate_size": 296,
