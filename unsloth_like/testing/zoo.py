@@ -345,6 +345,29 @@ ALIGNED_ZOO: dict[str, ZooSpec] = {
                 config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 2, "tie_word_embeddings": False,
                         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
                 notes="q/k RMSNorm"),
+        ZooSpec(name="gemma2_k", config_class="Gemma2Config", tokenizer="gemma3",
+                config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 2, "query_pre_attn_scalar": 64,
+                        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 16,
+                        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+                notes="Gemma 2: soft-capping, a window of 16 on layers 0 and 2, tied"),
+        ZooSpec(name="gemma3_k", config_class="Gemma3TextConfig", tokenizer="gemma3",
+                config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 2, "query_pre_attn_scalar": 64,
+                        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 16,
+                        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}},
+                notes="Gemma 3 text: q/k norms, a window of 16 on layers 0 and 2 with their own RoPE base, tied"),
+        ZooSpec(name="phi3_k", config_class="Phi3Config", tokenizer="phi4",
+                config={**_ALIGNED, "vocab_size": 1024, "num_key_value_heads": 2, "sliding_window": None,
+                        "tie_word_embeddings": True, "original_max_position_embeddings": 512,  # Phi3Config's own
+                        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.75, "original_max_position_embeddings": 512,
+                                            "short_factor": [1.0 + 0.02 * i for i in range(24)],
+                                            "long_factor": [1.0 + 0.25 * i for i in range(24)]}},
+                notes="Phi-4-mini's shape: packed projections, partial rotary (48 of 64), LongRoPE from 512 "
+                      "to 2048 positions, tied, Phi-4 tokenizer"),
     ]
 }
 

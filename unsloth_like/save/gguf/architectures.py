@@ -13,19 +13,32 @@ rotation, so their weights are written as they are.
 The language models of vision-language families export here too, under their text config's
 ``model_type`` (the projector is ``mmproj.py``'s): Qwen2-VL / Qwen2.5-VL as ``qwen2vl`` and
 Qwen3-VL as ``qwen3vl`` (M-RoPE: ``rope.dimension_sections`` is ``mrope_section`` padded to four,
-as llama.cpp's converter pads it), Gemma 3 as ``gemma3`` (its RMSNorms compute ``x * (1 + w)``,
-so, as the converter does, every ``*norm.weight`` is written as ``w + 1``; the sliding-window
-layers' RoPE base goes to ``rope.freq_base_swa``).
+as llama.cpp's converter pads it), Gemma 3 as ``gemma3``.
+
+Gemma 2 and Gemma 3 (``gemma2``, ``gemma3``): their RMSNorms compute ``x * (1 + w)``, so, as the
+converter does, every ``*norm.weight`` is written as ``w + 1``; the soft-capping values, the
+sliding window and which layers use it are written; Gemma 3's local layers' RoPE base goes to
+``rope.freq_base_swa``. llama.cpp never reads ``query_pre_attn_scalar`` (it derives the query scale
+from the layer count), so a config whose scalar differs is refused.
+
+Phi-3 / Phi-4 (``phi3``): the packed ``qkv_proj`` and ``gate_up_proj`` are written as they are
+(``attn_qkv``, and ``ffn_up`` whose first half llama.cpp gates, as transformers does); partial
+rotary is ``rope.dimension_count``; LongRoPE (Phi-3.5, Phi-4-mini) writes the short and long factor
+tensors and the attention factor. llama.cpp picks the long factors by the context it is run with
+(``n_ctx`` above the original context), transformers by the length of the sequence, so a short
+prompt in a long llama.cpp context runs with the long factors where transformers uses the short.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import gguf
 import torch
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Architecture:
@@ -45,8 +58,11 @@ ARCHITECTURES = (
     Architecture(("qwen2_vl_text", "qwen2_5_vl_text"), gguf.MODEL_ARCH.QWEN2VL, permute_qk=False, mrope=True),
     Architecture(("qwen3_vl_text",), gguf.MODEL_ARCH.QWEN3VL, permute_qk=False, mrope=True),
     Architecture(("gemma3_text",), gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_shift=1.0),
+    Architecture(("gemma2",), gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_shift=1.0),
+    Architecture(("phi3",), gguf.MODEL_ARCH.PHI3, permute_qk=False),
 )
 _SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+_GEMMA = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 
 
 def architecture_for(config) -> Architecture:
@@ -87,29 +103,35 @@ def _for_layer_type(params, layer_type: str) -> dict:
 
 def check_supported(config) -> None:
     """Refuse, before any work, what llama.cpp would run differently from transformers."""
+    architecture = architecture_for(config)
     for layer_type in sorted(set(getattr(config, "layer_types", None) or ["full_attention"])):
         rope = rope_parameters(config, layer_type)
-        if rope["rope_type"] not in _SUPPORTED_ROPE:
-            raise ValueError(f"GGUF export does not support rope_type {rope['rope_type']!r}; supported: "
-                             f"{', '.join(_SUPPORTED_ROPE)}.")
-    architecture = architecture_for(config)
+        supported = _SUPPORTED_ROPE + (("longrope",) if architecture.arch == gguf.MODEL_ARCH.PHI3 else ())
+        if rope["rope_type"] not in supported:
+            raise ValueError(f"GGUF export does not support rope_type {rope['rope_type']!r} for {config.model_type}; "
+                             f"supported: {', '.join(supported)}.")
     if architecture.mrope and not rope_parameters(config).get("mrope_section"):
         raise ValueError(f"{config.model_type} has no rope_parameters['mrope_section'], which llama.cpp's "
                          f"{gguf.MODEL_ARCH_NAMES[architecture.arch]} architecture needs.")
-    if architecture.arch == gguf.MODEL_ARCH.GEMMA3:
-        _check_gemma3(config)
+    if architecture.arch in _GEMMA:
+        _check_gemma(config, architecture.arch)
 
 
-def _check_gemma3(config) -> None:
-    """What llama.cpp's gemma3 architecture fixes instead of reading from the file."""
-    scalar, dim = getattr(config, "query_pre_attn_scalar", None), head_dim(config)
-    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer (27B) model
-    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else dim
+# The one model size of each Gemma generation whose queries llama.cpp scales by 1/sqrt(hidden/heads)
+# instead of 1/sqrt(head_dim), recognised by its layer count (the 27B models).
+_HIDDEN_PER_HEAD_SCALE_LAYERS = {gguf.MODEL_ARCH.GEMMA2: 46, gguf.MODEL_ARCH.GEMMA3: 62}
+
+
+def _check_gemma(config, arch: gguf.MODEL_ARCH) -> None:
+    """What llama.cpp's gemma2/gemma3 architectures fix instead of reading from the file."""
+    name, scalar, dim = gguf.MODEL_ARCH_NAMES[arch], getattr(config, "query_pre_attn_scalar", None), head_dim(config)
+    hidden_per_head = config.num_hidden_layers == _HIDDEN_PER_HEAD_SCALE_LAYERS[arch]
+    expected = config.hidden_size // config.num_attention_heads if hidden_per_head else dim
     if scalar is not None and scalar != expected:
-        raise ValueError(f"This Gemma 3 scales attention by query_pre_attn_scalar={scalar}, but llama.cpp's gemma3 "
-                         f"architecture uses {expected} for a {config.num_hidden_layers}-layer model, so the GGUF "
-                         "would compute different attention.")
-    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(f"This {config.model_type} model scales attention by query_pre_attn_scalar={scalar}, but "
+                         f"llama.cpp's {name} architecture uses {expected} for a {config.num_hidden_layers}-layer "
+                         "model, so the GGUF would compute different attention.")
+    if arch == gguf.MODEL_ARCH.GEMMA3 and getattr(config, "attn_logit_softcapping", None):
         raise ValueError("llama.cpp's gemma3 architecture has no attention logit soft-capping; this config sets "
                          "attn_logit_softcapping.")
 
@@ -127,35 +149,61 @@ def write_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     dim = head_dim(config)
     writer.add_key_length(dim)
     writer.add_value_length(dim)
-    writer.add_rope_dimension_count(dim)
+    writer.add_rope_dimension_count(rotary_dim(config))
     rope = rope_parameters(config)
     writer.add_rope_freq_base(float(rope["rope_theta"]))  # llama.cpp's default (10000) is wrong for most models
-    _write_rope_scaling(writer, rope)
+    _write_rope_scaling(writer, rope, config)
     architecture = architecture_for(config)
     if architecture.mrope:  # [temporal, height, width, extra], as llama.cpp's converter pads it
         sections = [int(s) for s in rope["mrope_section"]][:4]
         writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
-    if architecture.arch == gguf.MODEL_ARCH.GEMMA3:
-        _write_gemma3(writer, config)
+    if architecture.arch in _GEMMA:
+        _write_gemma(writer, config, architecture.arch)
+    if architecture.arch == gguf.MODEL_ARCH.PHI3:
+        _write_phi3(writer, config)
 
 
-def _write_gemma3(writer: gguf.GGUFWriter, config) -> None:
-    """Gemma 3's sliding-window keys: the window and the local layers' RoPE base (as llama.cpp's
-    converter writes them), and which layers are local. Without that last key llama.cpp assumes
-    the published models' 5-local-1-global pattern; it reads a per-layer list when there is one."""
+def rotary_dim(config) -> int:
+    """How many channels of each head rotate (Phi-4-mini's ``partial_rotary_factor`` is 0.75)."""
+    factor = rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    return int(head_dim(config) * factor)
+
+
+def _write_gemma(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH) -> None:
+    """Gemma's sliding-window keys: the window, which layers use it (without that list llama.cpp
+    assumes the published models' pattern: every other layer for Gemma 2, 5 local and 1 global for
+    Gemma 3), Gemma 3's local RoPE base; and the soft-capping values."""
     layer_types = getattr(config, "layer_types", None) or []
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
         if layer_types:
             writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
-    if "sliding_attention" in layer_types:
+    if arch == gguf.MODEL_ARCH.GEMMA3 and "sliding_attention" in layer_types:
         writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
+    if arch == gguf.MODEL_ARCH.GEMMA2 and getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
-def _write_rope_scaling(writer: gguf.GGUFWriter, rope: dict) -> None:
+def _write_phi3(writer: gguf.GGUFWriter, config) -> None:
+    """Phi-3's window as its converter writes it (0: none). llama.cpp reads it and then runs full
+    attention anyway, so a windowed model differs from transformers past the window: said once."""
+    window = getattr(config, "sliding_window", None) or 0
+    writer.add_sliding_window(window)
+    if window and window < config.max_position_embeddings:
+        logger.warning("llama.cpp runs phi3 models with full attention: past %d tokens (this model's "
+                       "sliding_window) the GGUF attends to the whole context where transformers attends to the "
+                       "window.", window)
+
+
+def _write_rope_scaling(writer: gguf.GGUFWriter, rope: dict, config) -> None:
     kind, factor = rope["rope_type"], rope.get("factor")
+    if kind == "longrope":
+        original = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(rope, config.max_position_embeddings, original))
+        return
     if kind == "linear" and factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(factor)
@@ -173,9 +221,23 @@ def _write_rope_scaling(writer: gguf.GGUFWriter, rope: dict) -> None:
     # llama3 scaling is a per-frequency factor tensor (``rope_freqs``), see ``extra_tensors``.
 
 
+def longrope_attention_factor(rope: dict, max_positions: int, original: int) -> float:
+    """transformers' LongRoPE attention factor: the config's, else ``sqrt(1 + ln s / ln original)``
+    with ``s = max_positions / original`` (1 when the context is not extended)."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    scale = max_positions / original
+    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
+
+
 def extra_tensors(config) -> dict[str, torch.Tensor]:
-    """Tensors llama.cpp needs that a HF checkpoint does not hold: Llama 3.1's RoPE factors."""
+    """Tensors llama.cpp needs that a HF checkpoint does not hold: Llama 3.1's RoPE factors, or
+    LongRoPE's short and long factors (one per rotary frequency)."""
     rope = rope_parameters(config)
+    if rope["rope_type"] == "longrope":
+        return {f"{gguf.TENSOR_NAMES[kind]}.weight": _longrope_factors(rope[key], rotary_dim(config))
+                for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                                  (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))}
     if rope["rope_type"] != "llama3":
         return {}
     dim = head_dim(config)
@@ -226,6 +288,13 @@ class TensorNamer:
             kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
             return _permute_rotary(tensor, kv_heads)
         return tensor
+
+
+def _longrope_factors(values, dim: int) -> torch.Tensor:
+    if values is None or len(values) != dim // 2:
+        raise ValueError(f"LongRoPE needs {dim // 2} factors (one per rotary frequency) in long_factor and "
+                         f"short_factor, got {None if values is None else len(values)}.")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 def _permute_rotary(tensor: torch.Tensor, heads: int) -> torch.Tensor:

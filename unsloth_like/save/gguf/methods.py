@@ -127,7 +127,7 @@ class TypeChooser:
             return new if new == T.Q8_0 else T.Q6_K
         if name == "token_embd.weight":
             return new
-        if name.endswith("attn_v.weight"):
+        if name.endswith(("attn_v.weight", "attn_qkv.weight")):  # llama.cpp mixes a packed qkv as attn_v
             return self._attn_v(new)
         layer = int(_LAYER.match(name).group(1)) if _LAYER.match(name) else 0
         n = model.n_layer

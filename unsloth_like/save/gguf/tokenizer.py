@@ -126,6 +126,26 @@ def write_vocabulary(writer: GGUFWriter, vocab: Vocabulary) -> None:
         writer.add_chat_template(vocab.chat_template)
 
 
+# llama.cpp's vocabulary loader treats any model whose general.name contains "phi-3" or "phi3"
+# (case-insensitive) as Phi-3 and looks these tokens up by text to set their attributes; if one is
+# missing the file does not load ("unordered_map::at"). Phi-3's own SentencePiece vocabulary has
+# them all; Phi-4's and most others do not.
+_PHI3_NAME = re.compile(r"(phi)-?3", re.IGNORECASE)
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def loadable_name(name: str, vocab: Vocabulary) -> str:
+    """``name`` for ``general.name``, with "phi3"/"phi-3" written "phi 3" when the vocabulary lacks the
+    tokens llama.cpp's Phi-3 rule looks up (see above), so that the file loads."""
+    if not _PHI3_NAME.search(name) or set(_PHI3_TOKENS) <= set(vocab.tokens):
+        return name
+    safe = _PHI3_NAME.sub(r"\1 3", name)
+    logger.warning("GGUF export: general.name %r would make llama.cpp apply Phi-3's token rules to a vocabulary "
+                   "without %s, and the file would not load; writing %r instead.", name,
+                   "/".join(t for t in _PHI3_TOKENS if t not in vocab.tokens), safe)
+    return safe
+
+
 # --- pre-tokenizer ------------------------------------------------------------------------------
 
 

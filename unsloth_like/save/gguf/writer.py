@@ -34,7 +34,7 @@ from .architectures import (TensorNamer, architecture_for, check_supported, extr
                             write_hyperparameters)
 from .methods import METHODS, ModelShape, TypeChooser
 from .quantize import tensor_bytes
-from .tokenizer import Vocabulary, write_vocabulary
+from .tokenizer import Vocabulary, loadable_name, write_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def text_outputs(plan: list[PlannedTensor], config, vocab: Vocabulary, methods: 
     """The language-model files: one per method (``paths[i]`` for ``methods[i]``); ``extra`` adds
     keys the text config does not hold (e.g. Qwen3-VL's deepstack layer count)."""
     arch = gguf.MODEL_ARCH_NAMES[architecture_for(config).arch]
+    name = loadable_name(name, vocab)
 
     def header(method: str):
         def write(writer: gguf.GGUFWriter) -> None:
