@@ -93,12 +93,6 @@ def _hf_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-# Gemma's MLPs are GeGLU: llama.cpp's CPU GELU is a table over float16 inputs with float16 outputs
-# (ggml-cpu/vec.h, GGML_GELU_FP16), a relative rounding of 2^-11 on every activation, so logits
-# carry up to that relative error on top of float32 rounding.
-GELU_TABLE_ROUNDING = 2.0 ** -11
-
-
 @pytest.mark.parametrize("name", ALIGNED + ["gemma2_k", "gemma3_k", "phi3_k", "llama", "qwen2", "phi3", "gemma2",
                                             "gemma3_text"])
 def test_f32_logits_equal_transformers(name, exported, hf):
@@ -111,7 +105,7 @@ def test_f32_logits_equal_transformers(name, exported, hf):
         ours = llamacpp.logits(llm, ids)
     expected = _hf_logits(model, ids)
     gelu = getattr(model.config, "hidden_activation", None) == "gelu_pytorch_tanh"
-    bound = 1e-4 + (GELU_TABLE_ROUNDING * np.abs(expected).max() if gelu else 0.0)
+    bound = 1e-4 + (llamacpp.GELU_TABLE_ROUNDING * np.abs(expected).max() if gelu else 0.0)
     assert np.abs(ours - expected).max() <= bound
     assert (ours.argmax(-1) == expected.argmax(-1)).all()
 

@@ -45,13 +45,28 @@ def test_merged_gguf_runs_the_lora_model_in_llama_cpp(load_in_4bit, zoo_cache, t
     _assert_llama_cpp_runs_it_like(reference, tokenizer(PROMPT).input_ids, path)
 
 
-def _assert_llama_cpp_runs_it_like(model, ids: list[int], path) -> None:
-    """llama.cpp's logits for the F32 file ``path`` equal ``model``'s to float32 rounding."""
+def _assert_llama_cpp_runs_it_like(model, ids: list[int], path, gelu_table: bool = False) -> None:
+    """llama.cpp's logits for the F32 file ``path`` equal ``model``'s to float32 rounding (plus the
+    rounding of llama.cpp's float16 GELU table for GeGLU models, see test_llamacpp_consumer)."""
     model.eval()
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].float().numpy()
+    bound = 1e-4 + (llamacpp.GELU_TABLE_ROUNDING * np.abs(expected).max() if gelu_table else 0.0)
     with llamacpp.load(path) as llm:
-        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= 1e-4
+        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= bound
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize(("name", "stop"), [("phi3_k", "<|im_end|>"), ("gemma2_k", "<end_of_turn>"),
+                                            ("gemma3_k", "<end_of_turn>")])
+def test_notebook_flow_for_phi_and_gemma(name, stop, zoo_cache, tmp_path):
+    """from_pretrained -> get_peft_model (Llama target names) -> save_pretrained_gguf: llama.cpp runs
+    the LoRA model, and the Modelfile serves the model's chat format."""
+    model, tokenizer = _trained(name, zoo_cache)
+    [path] = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="f32")
+    _assert_llama_cpp_runs_it_like(model, tokenizer(PROMPT).input_ids, path, gelu_table=name.startswith("gemma"))
+    modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+    assert "TEMPLATE" in modelfile and f'PARAMETER stop "{stop}"' in modelfile
 
 
 def _as_16bit(qlora_model, zoo_cache):

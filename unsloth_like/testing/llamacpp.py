@@ -37,6 +37,11 @@ INSTALL_HINT = "pip install 'unsloth-like[gguf-check]'"
 _GGML_TYPE_F32 = 0
 
 
+# Gemma's MLPs are GeGLU: llama.cpp's CPU GELU is a table over float16 inputs with float16 outputs
+# (ggml-cpu/vec.h, GGML_GELU_FP16), a relative rounding of 2^-11 on every activation, so logits
+# carry up to that relative error on top of float32 rounding.
+GELU_TABLE_ROUNDING = 2.0 ** -11
+
 def available() -> bool:
     """Whether llama-cpp-python and its ggml library can be loaded."""
     try:
