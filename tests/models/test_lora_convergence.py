@@ -46,9 +46,10 @@ def _train(model, batches):
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
-def test_loss_curves_match_and_adapter_reloads_into_plain_peft(quantized, zoo_cache, tmp_path):
+@pytest.mark.parametrize("name", ["llama", "phi3", "gemma2", "gemma3_text"])
+def test_loss_curves_match_and_adapter_reloads_into_plain_peft(name, quantized, zoo_cache, tmp_path):
     with use_backend("torch"):
-        fast, plain, tokenizer = _pair("llama", zoo_cache, load_in_4bit=quantized, perturb=False)
+        fast, plain, tokenizer = _pair(name, zoo_cache, load_in_4bit=quantized, perturb=False)
         batches = _batches(tokenizer)
         fast_losses, plain_losses = _train(fast, batches), _train(plain, batches)
         for step, (ours, theirs) in enumerate(zip(fast_losses, plain_losses)):
@@ -56,7 +57,7 @@ def test_loss_curves_match_and_adapter_reloads_into_plain_peft(quantized, zoo_ca
         assert fast_losses[-1] < 0.9 * fast_losses[0]  # it learns (lr 3e-3, 30 steps: about -20%)
 
         fast.save_pretrained(tmp_path / "adapter")
-        fresh, _ = load_zoo_model("llama", cache_dir=zoo_cache, load_in_4bit=quantized)
+        fresh, _ = load_zoo_model(name, cache_dir=zoo_cache, load_in_4bit=quantized)
         reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter")
         batch = {k: v for k, v in batches[0].items() if k != "labels"}
         # Train mode under no_grad: a 4-bit CPU layer must not see an eval-mode forward (see zoo.py).

@@ -42,6 +42,7 @@ _GGML_TYPE_F32 = 0
 # carry up to that relative error on top of float32 rounding.
 GELU_TABLE_ROUNDING = 2.0 ** -11
 
+
 def available() -> bool:
     """Whether llama-cpp-python and its ggml library can be loaded."""
     try:
