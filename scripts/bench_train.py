@@ -5,6 +5,8 @@
     python scripts/bench_train.py --mode full     # full finetuning
     python scripts/bench_train.py --max-seq       # GPU: also the longest sequence that fits at batch 1
     python scripts/bench_train.py --model qwen2_vl --mode qlora   # a vision-language model, images in the batch
+    python scripts/bench_train.py --model phi3    # another text family: phi3 (Phi-4-mini), gemma3_text (Gemma 3 4B)
+    python scripts/bench_train.py --model phi3 --vocab 200064   # CPU: the zoo model with the family's real vocabulary
     python scripts/bench_train.py --out benchmarks/train-cpu.json
 
 Variants: ``hf`` is the plain model with ``peft.get_peft_model`` (standard gradient checkpointing
@@ -21,6 +23,10 @@ LoRA on what ``FastVisionModel.get_peft_model``'s default flags select (vision a
 attention and MLP) in both variants, batches of chats with one image each (random pixels, the
 processor's patch layout); a 4-bit base quantises the decoder and the vision blocks, not the
 merger, as ``FastVisionModel`` loads it.
+``--model phi3`` / ``--model gemma3_text``: the same LoRA benchmark on another text family (CPU: the
+zoo's model; GPU: Phi-4-mini's / Gemma-3-4B's text dimensions, random weights). ``--vocab N`` resizes
+the model's embeddings (and untied head) to N rows first, seeded: the zoo's vocabularies are ~1k
+tokens, where the loss is negligible; real ones are 128k-262k, where it dominates.
 On a CPU whose bitsandbytes dequantises wrongly (its AVX512 path; ``unsloth_like.host``), the
 ``hf`` QLoRA baseline uses bitsandbytes' own pure-torch dequantisation: the report says so.
 """
@@ -55,16 +61,47 @@ def _build_model(device: str, quantized: bool = False, name: str = "llama"):
         return model
     if name == "qwen2_vl":
         return _build_qwen2_vl_7b(quantized)
-    config = transformers.LlamaConfig(  # Llama-3.1-8B dimensions, random weights
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+    config = GPU_TEXT_CONFIGS[name]()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     if quantized:
         _quantize_decoder_linears(model)
     return model
+
+
+def _llama_3_1_8b():
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+
+
+def _phi_4_mini():
+    import transformers
+
+    return transformers.Phi3Config(
+        vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+
+
+def _gemma_3_4b_text():
+    import transformers
+
+    return transformers.Gemma3TextConfig(
+        vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=1024, max_position_embeddings=8192,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+
+
+# GPU benchmark models (random weights in these dimensions; no hub on the benchmark machines)
+GPU_TEXT_CONFIGS = {"llama": _llama_3_1_8b, "phi3": _phi_4_mini, "gemma3_text": _gemma_3_4b_text}
+TEXT_MODELS = tuple(GPU_TEXT_CONFIGS)
 
 
 def _build_qwen2_vl_7b(quantized: bool):
@@ -127,7 +164,7 @@ def _add_adapters(model, spec: dict):
     from unsloth_like.models import patch_model
 
     checkpointing = spec["gradient_checkpointing"]
-    vision = spec.get("model", "llama") != "llama"
+    vision = spec.get("model", "llama") not in TEXT_MODELS
     targets = _vision_targets(model) if vision else "all-linear"  # the same modules in every variant
     if spec["variant"] == "unsloth_like":
         patch_model(model)
@@ -141,9 +178,9 @@ def _add_adapters(model, spec: dict):
         return loader.get_peft_model(model, r=16, lora_alpha=16, target_modules=None if vision else targets,
                                      random_state=0, use_gradient_checkpointing="unsloth" if checkpointing else False)
     if spec["variant"] == "hf_liger":  # HF + PEFT with Liger's kernels (RMSNorm, RoPE, SwiGLU, fused loss)
-        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2_vl
+        import liger_kernel.transformers as liger
 
-        (apply_liger_kernel_to_qwen2_vl if vision else apply_liger_kernel_to_llama)(model=model)
+        getattr(liger, f"apply_liger_kernel_to_{spec.get('model', 'llama')}")(model=model)
     if spec["mode"] != "full":
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
@@ -162,6 +199,9 @@ def run_variant(spec: dict) -> dict:
         spec = {**spec, "bitsandbytes_cpu": routing.describe()}
     # Both variants seed 0 right before creating adapters: identical initial adapters.
     model = _build_model(device, quantized=spec["mode"] == "qlora", name=spec.get("model", "llama"))
+    if spec.get("vocab"):
+        torch.manual_seed(0)  # the same new rows in every variant
+        model.resize_token_embeddings(spec["vocab"], mean_resizing=False)
     model = _add_adapters(model, spec)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -253,8 +293,10 @@ def _longest_sequence(base_spec: dict, start: int = 2048, limit: int = 262144) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
-    parser.add_argument("--model", choices=("llama", "qwen2_vl"), default="llama",
-                        help="qwen2_vl: a vision-language model with an image in every row")
+    parser.add_argument("--model", choices=(*TEXT_MODELS, "qwen2_vl"), default="llama",
+                        help="phi3, gemma3_text: other text families; qwen2_vl: a vision-language model with an "
+                             "image in every row")
+    parser.add_argument("--vocab", type=int, default=None, help="resize the embeddings to this many rows first")
     parser.add_argument("--max-seq", action="store_true", help="GPU: also find the longest batch-1 sequence that fits")
     parser.add_argument("--out", default=None)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["hf", "unsloth_like"],
@@ -267,18 +309,19 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = {"batch": 8, "seq": 256, "warmup": 2, "steps": 5} if device == "cpu" else \
         {"batch": 2, "seq": 2048, "warmup": 3, "steps": 10}
-    if args.model != "llama":  # one image per row: 16 tokens on CPU (8x8 patches), 256 on GPU (32x32)
+    if args.model not in TEXT_MODELS:  # one image per row: 16 tokens on CPU (8x8 patches), 256 on GPU (32x32)
         shape["image_grid"] = 8 if device == "cpu" else 32
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     slug = "cpu" if device == "cpu" else name.split()[-1].lower()
     kind = args.mode if args.model == "llama" else f"{args.mode}-{args.model}"
+    kind += f"-vocab{args.vocab}" if args.vocab else ""
     out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"train-{kind}-{slug}.json")
     if "hf_liger" in args.variants and (device != "cuda" or importlib.util.find_spec("liger_kernel") is None):
         raise SystemExit("--variants hf_liger needs a CUDA device and liger-kernel (pip install liger-kernel).")
     rows = []
     for variant in args.variants:
         spec = {"device": device, "variant": variant, "mode": args.mode, "model": args.model,
-                "gradient_checkpointing": device == "cuda"}
+                "gradient_checkpointing": device == "cuda", "vocab": args.vocab}
         row = _run_subprocess({**spec, **shape})
         if row is None:
             raise SystemExit(f"variant {variant} ran out of memory at batch {shape['batch']} x {shape['seq']}.")

@@ -20,8 +20,10 @@ def bench():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
-def test_both_variants_run_the_same_first_step(mode, bench, zoo_cache, monkeypatch):
+@pytest.mark.parametrize(("model", "mode", "vocab"), [("llama", "lora", 32003), ("llama", "qlora", 32003),
+                                                     ("llama", "full", 32003), ("phi3", "lora", 4099),
+                                                     ("gemma3_text", "qlora", 1043)])
+def test_both_variants_run_the_same_first_step(model, mode, vocab, bench, zoo_cache, monkeypatch):
     from unsloth_like.kernels import use_backend
     from unsloth_like.testing import zoo
 
@@ -30,12 +32,12 @@ def test_both_variants_run_the_same_first_step(mode, bench, zoo_cache, monkeypat
     rows = []
     with use_backend("torch"):  # the interpreter would take minutes; the plumbing is what is tested
         for variant in ("hf", "unsloth_like"):
-            rows.append(bench.run_variant({"device": "cpu", "variant": variant, "mode": mode,
-                                           "gradient_checkpointing": False, "batch": 2, "seq": 32,
+            rows.append(bench.run_variant({"device": "cpu", "variant": variant, "mode": mode, "model": model,
+                                           "vocab": vocab, "gradient_checkpointing": False, "batch": 2, "seq": 32,
                                            "warmup": 1, "steps": 2}))
     hf, ours = rows
     assert abs(hf["losses"][0] - ours["losses"][0]) < 1e-4
-    assert all(row["tokens_per_s"] > 0 and row["vocab"] == 32003 for row in rows)
+    assert all(row["tokens_per_s"] > 0 and row["vocab"] == vocab for row in rows)
 
 
 @pytest.mark.slow
