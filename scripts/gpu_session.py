@@ -13,7 +13,8 @@ each step did to ``<out>/session.json`` after every step, so a killed run still 
    2.3x tokens/s and 0.35x memory targets); ``train-vlm-qlora``: the QLoRA step of a VLM with
    Qwen2-VL-7B's dimensions, an image in every row;
    ``rl``: ``bench_rl.py`` (a DPO and a GRPO step through TRL, ours vs plain TRL + PEFT; its
-   numbers are printed to ``session.log``);
+   numbers are printed to ``session.log``); ``train-phi`` / ``train-gemma``: the LoRA step with
+   Phi-4-mini's and Gemma-3-4B's text dimensions (numbers in ``session.log``);
 4. ``kernels``: ``bench_kernels.py --quick`` (bandwidth, cross-entropy block sizes, Liger);
    ``train-liger``: the LoRA step of HF + PEFT with Liger-Kernel applied (its peer);
 5. ``kernel-suite``: the whole kernel test suite, compiled, on CUDA tensors;
@@ -96,6 +97,11 @@ def plan(out: Path, slug: str) -> list[Step]:
              [f"train-qlora-qwen2_vl-{slug}.json"]),
         # DPO and GRPO steps through TRL (its numbers are in session.log: the device tool brings back 8 files)
         Step("rl", [PYTHON, "scripts/bench_rl.py", "--out", f"/tmp/rl-lora-{slug}.json"], 300, 150),
+        # the LoRA step of Phi-4-mini's and Gemma-3-4B's dimensions (numbers in session.log, as for rl)
+        Step("train-phi", [PYTHON, "scripts/bench_train.py", "--model", "phi3",
+                           "--out", f"/tmp/train-lora-phi3-{slug}.json"], 200, 90),
+        Step("train-gemma", [PYTHON, "scripts/bench_train.py", "--model", "gemma3_text",
+                             "--out", f"/tmp/train-lora-gemma3_text-{slug}.json"], 200, 90),
         Step("kernels", [PYTHON, "scripts/bench_kernels.py", "--quick", "--out", str(out / f"kernels-{slug}.json")],
              240, 90, [f"kernels-{slug}.json"]),
         Step("train-liger", [PYTHON, "scripts/bench_train.py", "--variants", "hf_liger",
