@@ -337,8 +337,11 @@ FP16_OVERFLOWS = ("gemma2", "gemma3", "gemma3_text")
 
 
 def default_attention(auto, config) -> str:
-    """SDPA where the architecture supports it, else eager: Gemma 2 refuses SDPA because SDPA cannot
-    apply its attention-logit soft-capping (upstream's own choice for it is eager too)."""
+    """SDPA, except eager for a model that soft-caps attention logits (Gemma 2), which SDPA cannot
+    do, or whose class does not support SDPA. (transformers 5.24 refuses SDPA for Gemma 2; before,
+    it accepted it and silently dropped the soft-cap.)"""
+    if getattr(config.get_text_config(), "attn_logit_softcapping", None):
+        return "eager"
     try:
         model_class = auto._model_mapping[type(config)]
     except (KeyError, AttributeError):  # remote code or a custom auto class: transformers decides

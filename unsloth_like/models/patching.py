@@ -85,7 +85,8 @@ def unpatch(model: nn.Module) -> None:
 def lora_groups(model: nn.Module) -> dict:
     """The fused-LoRA groups of a patched model: ``{name: (owner module, projection names)}``,
     e.g. ``"model.layers.0.self_attn.qkv"`` -> the attention module and ``("q_proj", "k_proj",
-    "v_proj")`` (``("qkv_proj",)`` for packed projections). Names are relative to ``model`` as given (a PEFT model's include its prefix)."""
+    "v_proj")`` (``("qkv_proj",)`` for packed projections). Names are relative to ``model`` as given
+    (a PEFT model's include its prefix)."""
     spec = spec_for(_root(model).config.model_type)
     groups = {}
     if spec is None:

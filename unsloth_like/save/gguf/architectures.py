@@ -40,6 +40,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Architecture:
     model_types: tuple[str, ...]
@@ -235,7 +236,7 @@ def extra_tensors(config) -> dict[str, torch.Tensor]:
     LongRoPE's short and long factors (one per rotary frequency)."""
     rope = rope_parameters(config)
     if rope["rope_type"] == "longrope":
-        return {f"{gguf.TENSOR_NAMES[kind]}.weight": _longrope_factors(rope[key], rotary_dim(config))
+        return {f"{gguf.TENSOR_NAMES[kind]}.weight": _longrope_factors(rope.get(key), rotary_dim(config))
                 for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
                                   (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))}
     if rope["rope_type"] != "llama3":
