@@ -78,8 +78,9 @@ def test_packed_position_ids_match_upstream(name, zoo_cache):
                           torch.float32, factor=50)
 
 
-def test_bf16_matches_upstream_within_bf16_precision(zoo_cache):
-    base, fast, tokenizer = _pair("qwen2", zoo_cache, dtype=torch.bfloat16)
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gemma2"])
+def test_bf16_matches_upstream_within_bf16_precision(name, zoo_cache):
+    base, fast, tokenizer = _pair(name, zoo_cache, dtype=torch.bfloat16)
     batch = _batch(tokenizer)
     base.eval(), fast.eval()
     with torch.no_grad():
