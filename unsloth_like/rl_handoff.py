@@ -41,6 +41,7 @@ import inspect
 import logging
 import warnings
 
+from .distributed import check_trainer_processes
 from .models.trl_head import take_over_fused_lm_head
 from .trainer import _SHIM_MARK, processing_class_for
 
@@ -183,6 +184,7 @@ def _trainer_init(original, config_class):
             original(self, **arguments)
         else:
             original(self, *args, **kwargs)
+        check_trainer_processes(self)  # under torchrun on CPU without use_cpu=True: refused, not unsynced
         take_over_fused_lm_head(self)  # our patched models only: TRL's fused head with our CPU kernel
     return __init__
 

@@ -54,7 +54,10 @@ numbers instead, which a copy of the collator resolves against the list.
 
 **TRL's fused LM head.** After TRL's ``__init__`` returns, the same wrapper hands the trainer to
 ``models.trl_head.take_over_fused_lm_head``: on the models we patched (only those), TRL's fused LM
-head then computes on the CPU with our ``kernels.token_log_probs``, output for output.
+head then computes on the CPU with our ``kernels.token_log_probs``, output for output. Before
+that, a trainer built under a launcher (``torchrun``) that set up fewer processes than were
+started is refused with the fix (``distributed.check_trainer_processes``: on CPU,
+``use_cpu=True``), where TRL would let each process train alone.
 
 **UnslothTrainer** / **UnslothTrainingArguments(embedding_learning_rate=…)**: an ``SFTTrainer``
 whose optimizer puts the trainable embedding and lm_head weights (``modules_to_save`` copies,
@@ -70,6 +73,7 @@ import functools
 import inspect
 import logging
 
+from .distributed import check_trainer_processes
 from .vision_collator import UnslothVisionDataCollator  # noqa: F401  (Unsloth's import path: unsloth.trainer)
 
 logger = logging.getLogger(__name__)
@@ -128,6 +132,7 @@ def install_legacy_sft_keywords() -> bool:
             original(self, **arguments)
         from .models.trl_head import take_over_fused_lm_head  # (models imports this module)
 
+        check_trainer_processes(self)  # under torchrun on CPU without use_cpu=True: refused, not unsynced
         take_over_fused_lm_head(self)  # our patched models only: TRL's fused head with our CPU kernel
 
     setattr(__init__, _SHIM_MARK, True)

@@ -13,8 +13,10 @@ labels, under ``torch.no_grad()``, when the caller passes ``return_logits=True``
 ``model.config.unsloth_return_logits`` is True. The fused loss uses the lm_head's weight directly
 when it is a plain ``nn.Linear``, or PEFT's ``modules_to_save`` copy of one (the copy of the
 active adapter, or the original when adapters are disabled: exactly what PEFT's wrapper would
-call). Any other lm_head (LoRA on it, trainable-token wrappers, hooks) takes the upstream path,
-so no adapter is ever skipped.
+call). Any other lm_head (LoRA on it, trainable-token wrappers, hooks, an FSDP2 unit of its own
+whose weight is still a shard) takes the upstream path, so no adapter is ever skipped. Under
+accelerate's FSDP2 layout (``[final norm, lm_head]`` one unit, kept unsharded after forward) the
+final norm's forward has unsharded the head by the time the loss reads it.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def _var_keyword(signature: inspect.Signature) -> str | None:
 def _fusable_lm_head(lm_head) -> nn.Linear | None:
     """The ``nn.Linear`` the lm_head's forward would run, or None when that is not one linear."""
     inner = _modules_to_save_target(lm_head) if type(lm_head).__name__ == "ModulesToSaveWrapper" else lm_head
-    if type(inner) is nn.Linear and not (inner._forward_hooks or inner._forward_pre_hooks):
+    # An FSDP2 unit of its own holds a shard (DTensor) until its forward runs: upstream calls it.
+    if (type(inner) is nn.Linear and not (inner._forward_hooks or inner._forward_pre_hooks)
+            and type(inner.weight).__name__ != "DTensor"):
         return inner
     if not getattr(lm_head, "_unsloth_like_warned", False):
         logger.info("lm_head is %s, not a plain nn.Linear: the loss uses full logits (upstream path).",

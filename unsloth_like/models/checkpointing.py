@@ -5,7 +5,9 @@
 * ``"unsloth"``: every decoder layer is checkpointed, and the one tensor kept per layer (its input
   hidden states) goes to pinned CPU memory on a side CUDA stream during forward, coming back for
   backward, where the layer is recomputed. Device memory for activations is then about one layer's
-  worth whatever the depth. On CPU there is nothing to offload to: plain checkpointing.
+  worth whatever the depth. On CPU there is nothing to offload to: plain checkpointing. In a
+  multi-process run (DDP, FSDP2) it is torch's non-reentrant checkpoint without the offload: the
+  recomputation inside backward that offloading needs is what DDP refuses.
 * ``True``: standard (non-reentrant) ``torch.utils.checkpoint`` on every decoder layer.
 * ``False``: none.
 
@@ -27,6 +29,8 @@ import types
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..distributed import multi_process
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +119,10 @@ def offloaded_checkpoint(function, *args, **kwargs):
     hidden_states, rest = (args[0], args[1:]) if args else (None, ())
     general = (kwargs or not isinstance(hidden_states, torch.Tensor)
                or any(isinstance(a, torch.Tensor) and a.requires_grad for a in rest))
-    if general:  # something else needs gradients: torch's own checkpoint handles every case
+    # Something else needs gradients: torch's own checkpoint handles every case. Several processes
+    # (DDP): ours recomputes inside backward (reentrant), which DDP refuses; torch's non-reentrant
+    # one does not (the input then stays on the device).
+    if general or multi_process():
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
     run = function if not rest else (lambda h: function(h, *rest))
     return _OffloadedCheckpoint.apply(run, hidden_states, _grad_anchor(function))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..chat_templates import stop_on_tokenizer_eos
+from ..distributed import check_device_map, launch_device
 from ..env import is_bfloat16_supported
 from ..rl_handoff import install_rl_keywords
 from ..save.merged import attach_export_methods, attach_save_methods
@@ -177,7 +178,7 @@ def _load(cls, model_name, *, max_seq_length, dtype, load_in_4bit, load_in_8bit,
         **kwargs,
     }
     if device != "cpu":
-        load_kwargs["device_map"] = device_map if device_map != "auto" else {"": device}
+        load_kwargs["device_map"] = device_map if isinstance(device_map, dict) else {"": device}
     keep = keep_unquantized_modules(config, trust_remote_code) if vision else None  # None: transformers' own
     quantization_config = user_quantization or _quantization_config(quant, torch_dtype, keep)
     if quantization_config is not None:
@@ -309,8 +310,9 @@ def _resolve_device(device_map) -> str:
     if isinstance(device_map, str) and device_map.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available.")
-        return device_map
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return launch_device(device_map)
+    check_device_map(device_map)
+    return launch_device() if torch.cuda.is_available() else "cpu"  # under torchrun: cuda:LOCAL_RANK
 
 
 def _resolve_dtype(dtype, device: str) -> torch.dtype:

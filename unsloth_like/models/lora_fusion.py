@@ -8,7 +8,10 @@ o, gate/up/down) is fused only when the fused maths is an exact replacement for 
 * for each LoRA layer: adapters enabled and not merged, exactly one active adapter, no dropout,
   no ``lora_bias``, no variant (DoRA and friends), input dtype casting on, no forward hooks (PEFT's
   mixed-adapter batches pass ``adapter_names`` through hooks), base weight and bias frozen;
-* at least one projection of the group carries an adapter (otherwise the plain path is the same).
+* at least one projection of the group carries an adapter (otherwise the plain path is the same);
+* no parameter of the group is an FSDP2 shard (a ``DTensor``: a projection or adapter wrapped as an
+  FSDP unit of its own is unsharded only by its own forward; inside an FSDP unit's forward, as with
+  one unit per decoder layer, the parameters are full tensors and the group fuses).
 
 Anything else runs PEFT's own modules (our norm/RoPE/CE kernels still apply), and the first time
 a reason is seen in a model one log line names it and the layers it affects.
@@ -76,6 +79,8 @@ def _lora_layer_blocker(m) -> str | None:
     """The first reason PEFT's forward of this layer differs from the fused maths, or None."""
     if _has_hooks(m):
         return "forward hooks on the layer (e.g. a mixed-adapter batch with adapter_names=)"
+    if any(_sharded(p) for p in m.parameters()):
+        return _SHARDED
     if m.disable_adapters:
         return "adapters disabled"
     if m.merged:
@@ -106,6 +111,8 @@ def _lora_layer_blocker(m) -> str | None:
 def _describe_base(base: nn.Module, lora: bool) -> Projection | Fallback:
     if _has_hooks(base) or hasattr(base, "_hf_hook"):
         return Fallback("forward hooks on the base layer (e.g. accelerate offloading)", lora)
+    if any(_sharded(p) for p in base.parameters()):
+        return Fallback(_SHARDED, lora)
     bias = getattr(base, "bias", None)
     if type(base) is nn.Linear:
         if base.weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -133,6 +140,15 @@ def _describe_bitsandbytes(base, bias, lora: bool) -> Projection | Fallback:
 
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+# FSDP2 units unshard their parameters in their own forward hooks: a LoRA module or linear layer
+# that is a unit of its own holds only its shard (a DTensor) when the attention or MLP reads it.
+_SHARDED = "parameters sharded by FSDP (a unit of their own): PEFT's modules run, which unshard them"
+
+
+def _sharded(tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 @functools.cache

@@ -34,6 +34,7 @@ import torch
 
 from ..chat_templates import stop_on_tokenizer_eos
 from ..models.vision import PROCESSOR_FILES, is_vision_config, keep_unquantized_modules
+from .distributed import once_on_rank0
 from .merge import ShardWriter, plan_merge
 from .sources import merged_entries
 from .staging import remove_abandoned, staging_name
@@ -46,14 +47,15 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**1
 
 def attach_save_methods(peft_model):
     """Bind ``save_pretrained_merged`` / ``push_to_hub_merged`` / ``save_pretrained_gguf`` /
-    ``push_to_hub_gguf`` to this model object (per instance, like our patching)."""
+    ``push_to_hub_gguf`` to this model object (per instance, like our patching); in a distributed
+    run each is collective and writes once, from rank 0 (``save.distributed``)."""
     import types
 
     from .gguf import save_pretrained_gguf
     from .hub import push_to_hub_gguf, push_to_hub_merged
 
     for function in (save_pretrained_merged, push_to_hub_merged, save_pretrained_gguf, push_to_hub_gguf):
-        setattr(peft_model, function.__name__, types.MethodType(function, peft_model))
+        setattr(peft_model, function.__name__, types.MethodType(once_on_rank0(function), peft_model))
     return peft_model
 
 
@@ -66,7 +68,7 @@ def attach_export_methods(model):
     from .hub import push_to_hub_gguf
 
     for function in (save_pretrained_gguf, push_to_hub_gguf):
-        setattr(model, function.__name__, types.MethodType(function, model))
+        setattr(model, function.__name__, types.MethodType(once_on_rank0(function), model))
     return model
 
 

@@ -1,0 +1,147 @@
+"""A few training steps of a zoo model under FSDP2 (``fully_shard``), or in one plain process.
+
+Run by tests/distributed/test_fsdp2.py as ``torchrun --nproc_per_node 2 fsdp2_train.py ...`` (gloo
+on CPU; Trainer cannot drive FSDP on CPU, so the loop is written here) and, for the reference,
+as a plain ``python fsdp2_train.py ...`` (no process group, no sharding). Both take the same global
+batch; each rank takes its contiguous share of the rows. The layout mirrors accelerate's FSDP2
+plugin: each decoder layer is a unit, ``[final norm, lm_head]`` a unit that stays unsharded after
+forward, then the root.
+
+``--units modules`` also makes every LoRA adapter and the lm_head units of their own, so they
+hold shards when the attention, MLP and loss read them: the fused paths must step aside there.
+
+Rank 0 (or the single process) writes ``losses.json`` (the global loss per step), ``fusion.json``
+(``lora_fusion_report`` for layer 0, seen inside its forward) and ``trainable.pt`` (every trainable parameter, gathered to full tensors); then every rank calls the
+save a user's script would call (the saves run once, on rank 0): ``save_pretrained_merged`` to
+``merged/`` for LoRA, ``save_pretrained_gguf`` (F32) to ``gguf/`` for full finetuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TEXTS = ["What is 3 plus 4? It is 7.", "Describe a red kite, please.", "Name three rivers of Europe.",
+         "The quick brown fox jumps over the lazy dog, twice over."]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--mode", choices=("lora", "full"), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--units", choices=("layers", "modules"), default="layers",
+                        help="modules: every LoRA adapter and the lm_head are FSDP units of their own too")
+    args = parser.parse_args()
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+
+    from unsloth_like import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(args.model, load_in_4bit=False,
+                                                         full_finetuning=args.mode == "full",
+                                                         use_gradient_checkpointing=False)
+    if args.mode == "lora":
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0,
+                                                 use_gradient_checkpointing=False)
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    n_items = int((batch["labels"][:, 1:] != -100).sum())  # the tokens the loss counts, all ranks together
+    rows = len(TEXTS) // world
+    local = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+    if distributed:
+        _shard(model, world, args.units)
+    fusion = _record_fusion(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Full finetuning uses SGD: Adam's first steps are lr * g / |g| per element, which turns the
+    # rounding of a near-zero gradient into a difference of up to a whole step.
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3) if args.mode == "lora" else torch.optim.SGD(trainable, lr=0.2)
+    model.train()
+    losses = []
+    for _ in range(args.steps):
+        # FSDP averages gradients over ranks: each rank divides its token sum by n_items / world,
+        # so the average is the gradient of the global mean (what Trainer does with num_items_in_batch).
+        loss = model(**local, num_items_in_batch=torch.tensor(n_items / world)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = loss.detach().clone()
+        if distributed:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    trainable = {name: _full(p).detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "losses.json").write_text(json.dumps(losses))
+        (out / "fusion.json").write_text(json.dumps(fusion))
+        torch.save(trainable, out / "trainable.pt")
+    if args.mode == "lora":
+        model.save_pretrained_merged(out / "merged", tokenizer, save_method="merged_16bit")
+    else:
+        model.save_pretrained_gguf(out / "gguf", tokenizer, quantization_method="f32")
+    if distributed:
+        _leave(dist)
+
+
+def _leave(dist) -> None:
+    """End this rank: after a barrier, exit without running gloo's teardown, which aborts now and
+    then on torch 2.14 ("terminate called without an active exception", rank 0 after its save)."""
+    import sys
+
+    dist.barrier()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
+
+
+def _shard(model, world: int, units: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if units == "modules":  # as a wrap policy that makes each trainable module a unit would
+        for name, module in base.named_modules():
+            if name.endswith(("lora_A.default", "lora_B.default")):
+                fully_shard(module, mesh=mesh)
+        fully_shard(base.lm_head, mesh=mesh)
+    for layer in base.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if units == "layers":
+        fully_shard([base.model.norm, base.lm_head], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+
+
+def _record_fusion(model) -> dict:
+    """``lora_fusion_report`` for decoder layer 0 as seen inside its forward (when FSDP has
+    unsharded that layer's unit), filled in by the first forward."""
+    from unsloth_like.models.patching import lora_fusion_report
+
+    report: dict = {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def record(module, args):
+        if not report:
+            report.update({k: v for k, v in lora_fusion_report(model).items() if ".layers.0." in k})
+
+    base.model.layers[0].mlp.register_forward_pre_hook(record)
+    return report
+
+
+def _full(param):
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+if __name__ == "__main__":
+    main()
