@@ -13,7 +13,8 @@ hold shards when the attention, MLP and loss read them: the fused paths must ste
 Rank 0 (or the single process) writes ``losses.json`` (the global loss per step), ``fusion.json``
 (``lora_fusion_report`` for layer 0, seen inside its forward) and ``trainable.pt`` (every trainable parameter, gathered to full tensors); then every rank calls the
 save a user's script would call (the saves run once, on rank 0): ``save_pretrained_merged`` to
-``merged/`` for LoRA, ``save_pretrained_gguf`` (F32) to ``gguf/`` for full finetuning.
+``merged/`` for LoRA and QLoRA, ``save_pretrained_gguf`` (F32) to ``gguf/`` for full finetuning.
+``--mode qlora`` loads NF4 packed into float32 storage, as FSDP needs (see ``_quantization``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ TEXTS = ["What is 3 plus 4? It is 7.", "Describe a red kite, please.", "Name thr
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--mode", choices=("lora", "full"), required=True)
+    parser.add_argument("--mode", choices=("lora", "qlora", "full"), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--units", choices=("layers", "modules"), default="layers",
@@ -48,10 +49,10 @@ def main() -> None:
 
     from unsloth_like import FastLanguageModel
 
-    model, tokenizer = FastLanguageModel.from_pretrained(args.model, load_in_4bit=False,
-                                                         full_finetuning=args.mode == "full",
-                                                         use_gradient_checkpointing=False)
-    if args.mode == "lora":
+    model, tokenizer = FastLanguageModel.from_pretrained(args.model, full_finetuning=args.mode == "full",
+                                                         use_gradient_checkpointing=False,
+                                                         **_quantization(args.mode))
+    if args.mode in ("lora", "qlora"):
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0,
                                                  use_gradient_checkpointing=False)
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
@@ -63,9 +64,9 @@ def main() -> None:
         _shard(model, world, args.units)
     fusion = _record_fusion(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # Full finetuning uses SGD: Adam's first steps are lr * g / |g| per element, which turns the
-    # rounding of a near-zero gradient into a difference of up to a whole step.
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3) if args.mode == "lora" else torch.optim.SGD(trainable, lr=0.2)
+    # SGD, so that weights compare as gradients do: Adam's first steps are lr * g / |g| per element,
+    # which turns the rounding of a near-zero gradient into a difference of up to a whole step.
+    optimizer = torch.optim.SGD(trainable, lr=0.2)
     model.train()
     losses = []
     for _ in range(args.steps):
@@ -85,7 +86,7 @@ def main() -> None:
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "fusion.json").write_text(json.dumps(fusion))
         torch.save(trainable, out / "trainable.pt")
-    if args.mode == "lora":
+    if args.mode != "full":
         model.save_pretrained_merged(out / "merged", tokenizer, save_method="merged_16bit")
     else:
         model.save_pretrained_gguf(out / "gguf", tokenizer, quantization_method="f32")
@@ -101,6 +102,19 @@ def _leave(dist) -> None:
     dist.barrier()
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
+
+
+def _quantization(mode: str) -> dict:
+    """QLoRA as FSDP needs it: NF4 packed into the compute dtype's storage (``bnb_4bit_quant_storage``),
+    so that the 4-bit weights are float tensors FSDP can shard like the others."""
+    if mode != "qlora":
+        return {"load_in_4bit": False}
+    import transformers
+
+    return {"quantization_config": transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
+        llm_int8_skip_modules=["lm_head"])}
 
 
 def _shard(model, world: int, units: str) -> None:

@@ -129,6 +129,8 @@ def _describe_bitsandbytes(base, bias, lora: bool) -> Projection | Fallback:
     if not isinstance(base, bnb.nn.Linear4bit):
         return Fallback(f"bitsandbytes {type(base).__name__} base (only NF4 4-bit is dequantised in the fused path)", lora)
     quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is None:  # FSDP2 unshards a Params4bit into a plain Parameter; bitsandbytes keeps a copy
+        quant_state = getattr(base, "quant_state", None)
     if quant_state is None or quant_state.quant_type != "nf4":
         return Fallback("4-bit base that is not NF4", lora)
     if getattr(quant_state, "packing_format_for_cpu", False):
