@@ -3,8 +3,9 @@
 checkpointing) -> ``SFTTrainer(...).train()`` -> ``save_pretrained_merged`` (on every rank, as a
 user's script does; it writes once).
 
-``--per-device N`` with the same ``--steps``: 2 ranks x 2 rows and 1 process x 4 rows see the same
-global batches (the Trainer's seeded sampler, sharded by accelerate). Rank 0 writes ``losses.json``
+``--per-device N`` with the same ``--steps``: 2 ranks x 2 rows, 2 ranks x 1 row x 2 accumulation
+steps (``--accumulation``) and 1 process x 4 rows see the same global batches (the Trainer's
+seeded sampler, sharded by accelerate). Rank 0 writes ``losses.json``
 (the logged loss per step) and ``adapter.pt`` (the LoRA weights). ``--no-use-cpu`` leaves
 ``use_cpu`` unset, which must be refused under a launcher on a machine without a GPU.
 """
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--per-device", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--no-use-cpu", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -43,8 +45,9 @@ def main() -> None:
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0,
                                              use_gradient_checkpointing="unsloth")
     config = SFTConfig(output_dir=str(out / "run"), per_device_train_batch_size=args.per_device, max_steps=args.steps,
-                       learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, seed=0, report_to="none",
-                       save_strategy="no", max_length=64, dataset_text_field="text", optim="adamw_torch",
+                       gradient_accumulation_steps=args.accumulation,
+                       learning_rate=0.2, lr_scheduler_type="constant", logging_steps=1, seed=0, report_to="none",
+                       save_strategy="no", max_length=64, dataset_text_field="text", optim="sgd",
                        use_cpu=None if args.no_use_cpu else True, dataloader_num_workers=0)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": TEXTS}),
                          args=config)
