@@ -80,8 +80,8 @@ def _fusable_lm_head(lm_head) -> nn.Linear | None:
             and type(inner.weight).__name__ != "DTensor"):
         return inner
     if not getattr(lm_head, "_unsloth_like_warned", False):
-        logger.info("lm_head is %s, not a plain nn.Linear: the loss uses full logits (upstream path).",
-                    type(lm_head).__name__)
+        logger.info("lm_head is %s, not a plain nn.Linear with whole weights (e.g. an FSDP shard): the loss "
+                    "uses full logits (upstream path).", type(lm_head).__name__)
         lm_head._unsloth_like_warned = True
     return None
 
