@@ -91,17 +91,9 @@ def main() -> None:
     else:
         model.save_pretrained_gguf(out / "gguf", tokenizer, quantization_method="f32")
     if distributed:
-        _leave(dist)
+        from launch import leave  # (this script's directory)
 
-
-def _leave(dist) -> None:
-    """End this rank: after a barrier, exit without running gloo's teardown, which aborts now and
-    then on torch 2.14 ("terminate called without an active exception", rank 0 after its save)."""
-    import sys
-
-    dist.barrier()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
+        leave()
 
 
 def _quantization(mode: str) -> dict:

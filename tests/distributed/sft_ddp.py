@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -62,11 +60,9 @@ def main() -> None:
         torch.save(peft.get_peft_model_state_dict(model), out / "adapter.pt")
     model.save_pretrained_merged(out / "merged", tokenizer)
     if torch.distributed.is_initialized():
-        # End after a barrier without gloo's teardown, which aborts now and then on torch 2.14
-        # ("terminate called without an active exception"); see fsdp2_train.py.
-        torch.distributed.barrier()
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
+        from launch import leave  # (this script's directory)
+
+        leave()
 
 
 if __name__ == "__main__":

@@ -105,8 +105,7 @@ def test_f32_logits_equal_transformers(name, exported, hf):
         ours = llamacpp.logits(llm, ids)
     expected = _hf_logits(model, ids)
     gelu = getattr(model.config, "hidden_activation", None) == "gelu_pytorch_tanh"
-    bound = 1e-4 + (llamacpp.GELU_TABLE_ROUNDING * np.abs(expected).max() if gelu else 0.0)
-    assert np.abs(ours - expected).max() <= bound
+    assert np.abs(ours - expected).max() <= llamacpp.f32_logit_bound(expected, gelu_table=gelu)
     assert (ours.argmax(-1) == expected.argmax(-1)).all()
 
 

@@ -51,9 +51,8 @@ def _assert_llama_cpp_runs_it_like(model, ids: list[int], path, gelu_table: bool
     model.eval()
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].float().numpy()
-    bound = 1e-4 + (llamacpp.GELU_TABLE_ROUNDING * np.abs(expected).max() if gelu_table else 0.0)
     with llamacpp.load(path) as llm:
-        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= bound
+        assert np.abs(llamacpp.logits(llm, ids) - expected).max() <= llamacpp.f32_logit_bound(expected, gelu_table)
 
 
 @needs_llama_cpp

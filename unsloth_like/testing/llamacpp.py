@@ -43,6 +43,13 @@ _GGML_TYPE_F32 = 0
 GELU_TABLE_ROUNDING = 2.0 ** -11
 
 
+def f32_logit_bound(expected: np.ndarray, gelu_table: bool = False) -> float:
+    """The largest |llama.cpp - transformers| logit difference an F32 GGUF may show: float32
+    rounding (1e-4 for logits of size ~5 over a few layers), plus the GELU table's relative
+    rounding of the largest logit for GeGLU models."""
+    return 1e-4 + (GELU_TABLE_ROUNDING * float(np.abs(expected).max()) if gelu_table else 0.0)
+
+
 def available() -> bool:
     """Whether llama-cpp-python and its ggml library can be loaded."""
     try:
