@@ -11,7 +11,7 @@ forward, then the root.
 hold shards when the attention, MLP and loss read them: the fused paths must step aside there.
 
 Rank 0 (or the single process) writes ``losses.json`` (the global loss per step), ``fusion.json``
-(``lora_fusion_report`` for layer 0, seen inside its forward) and ``trainable.pt`` (every trainable parameter, gathered to full tensors); then every rank calls the
+(``lora_fusion_report`` for layer 0, seen inside its forward, and whether the loss was fused) and ``trainable.pt`` (every trainable parameter, gathered to full tensors); then every rank calls the
 save a user's script would call (the saves run once, on rank 0): ``save_pretrained_merged`` to
 ``merged/`` for LoRA and QLoRA, ``save_pretrained_gguf`` (F32) to ``gguf/`` for full finetuning.
 ``--mode qlora`` loads NF4 packed into float32 storage, as FSDP needs (see ``_quantization``).
@@ -37,8 +37,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("lora", "qlora", "full"), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--units", choices=("layers", "modules"), default="layers",
-                        help="modules: every LoRA adapter and the lm_head are FSDP units of their own too")
+    parser.add_argument("--units", choices=("layers", "modules", "accelerate"), default="layers",
+                        help="modules: every LoRA adapter and the lm_head are FSDP units of their own too; "
+                             "accelerate: the units accelerate's FSDP2 plugin makes, made by accelerate itself")
     args = parser.parse_args()
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
@@ -61,7 +62,7 @@ def main() -> None:
     rows = len(TEXTS) // world
     local = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
     if distributed:
-        _shard(model, world, args.units)
+        model = _shard(model, world, args.units)
     fusion = _record_fusion(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # SGD, so that weights compare as gradients do: Adam's first steps are lr * g / |g| per element,
@@ -72,7 +73,10 @@ def main() -> None:
     for _ in range(args.steps):
         # FSDP averages gradients over ranks: each rank divides its token sum by n_items / world,
         # so the average is the gradient of the global mean (what Trainer does with num_items_in_batch).
-        loss = model(**local, num_items_in_batch=torch.tensor(n_items / world)).loss
+        outputs = model(**local, num_items_in_batch=torch.tensor(n_items / world))
+        loss = outputs.loss
+        # The fused loss never makes logits; upstream's path returns them.
+        fusion["lm_head"] = "upstream" if outputs.logits is not None else "fused"
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,10 +113,12 @@ def _quantization(mode: str) -> dict:
         llm_int8_skip_modules=["lm_head"])}
 
 
-def _shard(model, world: int, units: str) -> None:
+def _shard(model, world: int, units: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if units == "accelerate":
+        return _accelerate_fsdp2(model)
     mesh = init_device_mesh("cpu", (world,))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if units == "modules":  # as a wrap policy that makes each trainable module a unit would
@@ -125,6 +131,29 @@ def _shard(model, world: int, units: str) -> None:
     if units == "layers":
         fully_shard([base.model.norm, base.lm_head], mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _accelerate_fsdp2(model):
+    """Shard as ``accelerate launch`` with ``fsdp_version: 2`` and a transformer-layer wrap policy
+    does, through accelerate's own ``fsdp2_prepare_model`` (each decoder layer a unit; the input
+    embedding a unit, or with tied embeddings part of the tail; ``[final norm, lm_head]`` a tail
+    unit that stays unsharded after forward; the root).
+
+    accelerate reaches its FSDP mode only from GPU states, so the Accelerator here is the CPU one
+    (gloo, one per rank) with the FSDP2 plugin put where ``Accelerator(fsdp_plugin=...)`` keeps it
+    on a GPU: only that branch of ``AcceleratorState`` is skipped, the wrapping code is accelerate's."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[type(base.model.layers[0]).__name__], reshard_after_forward=True)
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.fsdp_plugin = plugin
+    return fsdp2_prepare_model(accelerator, model)
 
 
 def _record_fusion(model) -> dict:

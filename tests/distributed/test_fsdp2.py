@@ -30,16 +30,43 @@ from .launch import run
 pytestmark = pytest.mark.slow
 
 
-def _train(mode, zoo_cache, out, nproc, units="layers"):
-    run("fsdp2_train.py", "--model", zoo_model_dir("llama", zoo_cache), "--mode", mode, "--out", out,
+def _train(mode, zoo_cache, out, nproc, units="layers", model="llama"):
+    run("fsdp2_train.py", "--model", zoo_model_dir(model, zoo_cache), "--mode", mode, "--out", out,
         "--units", units, nproc=nproc)
     return json.loads((out / "losses.json").read_text()), torch.load(out / "trainable.pt")
 
 
+def _fusion(out) -> dict:
+    return json.loads((out / "fusion.json").read_text())
+
+
 @pytest.mark.parametrize(("mode", "weight_bound"), [("lora", 1e-7), ("qlora", 1e-7), ("full", 1e-6)])
 def test_sharded_training_equals_one_process(mode, weight_bound, zoo_cache, tmp_path):
-    losses_one, weights_one = _train(mode, zoo_cache, tmp_path / "one", None)
-    losses_two, weights_two = _train(mode, zoo_cache, tmp_path / "two", 2)
+    _assert_sharded_run_equals_one_process(mode, weight_bound, zoo_cache, tmp_path, units="layers", model="llama")
+    fusion = _fusion(tmp_path / "two")
+    # Inside a decoder layer's unit the parameters are whole: the fused LoRA path runs. The loss is
+    # fused too, with the head in the [final norm, lm_head] unit.
+    assert fusion.pop("lm_head") == "fused"
+    if mode != "full":
+        assert set(fusion.values()) == {"fused"}
+
+
+@pytest.mark.parametrize(("model", "mode", "weight_bound"), [("llama", "qlora", 1e-7), ("phi3", "full", 1e-6)])
+def test_accelerate_fsdp2_units_equal_one_process(model, mode, weight_bound, zoo_cache, tmp_path):
+    """The units accelerate's FSDP2 plugin makes (``fsdp2_prepare_model`` itself): a unit per
+    decoder layer, the untied input embedding a unit of its own, the tail unit (with tied
+    embeddings, Phi's case, the embedding joins it) and the root. Every fused path runs,
+    the fused loss included, and training equals one process."""
+    _assert_sharded_run_equals_one_process(mode, weight_bound, zoo_cache, tmp_path, units="accelerate", model=model)
+    fusion = _fusion(tmp_path / "two")
+    assert fusion.pop("lm_head") == "fused"
+    if mode != "full":
+        assert set(fusion.values()) == {"fused"}
+
+
+def _assert_sharded_run_equals_one_process(mode, weight_bound, zoo_cache, tmp_path, units, model):
+    losses_one, weights_one = _train(mode, zoo_cache, tmp_path / "one", None, model=model)
+    losses_two, weights_two = _train(mode, zoo_cache, tmp_path / "two", 2, units=units, model=model)
     assert losses_one[-1] < losses_one[0]  # it trained
     np.testing.assert_allclose(losses_two, losses_one, rtol=1e-6)
     assert weights_two.keys() == weights_one.keys() and weights_one
@@ -59,18 +86,19 @@ def test_sharded_training_equals_one_process(mode, weight_bound, zoo_cache, tmp_
         assert one.keys() == two.keys()
         assert max(np.abs(one[k] - two[k]).max() for k in one) <= weight_bound
     assert not [p for p in (tmp_path / "two").rglob("*") if p.name.startswith(".")]  # one writer, no leftovers
-    if mode != "full":  # inside a decoder layer's unit the parameters are whole: the fused LoRA path runs
-        assert set(json.loads((tmp_path / "two" / "fusion.json").read_text()).values()) == {"fused"}
 
 
 def test_adapters_sharded_as_units_of_their_own_take_peft_modules(zoo_cache, tmp_path):
     """LoRA adapters and the lm_head as FSDP units of their own hold shards when our fused paths
-    would read them: those step aside (PEFT's modules and upstream's head run, and unshard them),
-    and training still equals one process."""
+    would read them: the fused LoRA groups step aside (PEFT's modules run, and unshard them), the
+    fused loss runs as a forward of the head's unit (which gathers the head), and training still
+    equals one process."""
     losses_one, weights_one = _train("lora", zoo_cache, tmp_path / "one", None)
     losses_two, weights_two = _train("lora", zoo_cache, tmp_path / "two", 2, units="modules")
     np.testing.assert_allclose(losses_two, losses_one, rtol=1e-6)
     for name, weight in weights_one.items():
         assert (weights_two[name] - weight).abs().max() <= 1e-7, name
-    reasons = set(json.loads((tmp_path / "two" / "fusion.json").read_text()).values())
-    assert reasons == {"parameters sharded by FSDP (a unit of their own): PEFT's modules run, which unshard them"}
+    fusion = _fusion(tmp_path / "two")
+    # The head's shard is gathered by running the fused loss as a forward of the head's unit.
+    assert fusion.pop("lm_head") == "fused"
+    assert set(fusion.values()) == {"parameters sharded by FSDP (a unit of their own): PEFT's modules run, which unshard them"}

@@ -13,10 +13,10 @@ labels, under ``torch.no_grad()``, when the caller passes ``return_logits=True``
 ``model.config.unsloth_return_logits`` is True. The fused loss uses the lm_head's weight directly
 when it is a plain ``nn.Linear``, or PEFT's ``modules_to_save`` copy of one (the copy of the
 active adapter, or the original when adapters are disabled: exactly what PEFT's wrapper would
-call). Any other lm_head (LoRA on it, trainable-token wrappers, hooks, an FSDP2 unit of its own
-whose weight is still a shard) takes the upstream path, so no adapter is ever skipped. Under
-accelerate's FSDP2 layout (``[final norm, lm_head]`` one unit, kept unsharded after forward) the
-final norm's forward has unsharded the head by the time the loss reads it.
+call). An lm_head that is an FSDP2 unit, or part of one, is fused too (``fsdp_units``: the loss
+runs as the unit's forward where the weight is still a shard). Any other lm_head (LoRA on it,
+trainable-token wrappers, hooks of anyone but FSDP2) takes the upstream path, so no adapter is
+ever skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused_linear_cross_entropy
+from .fsdp_units import call_as_forward, fsdp_unit, is_shard, module_class, only_fsdp_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +76,14 @@ def _var_keyword(signature: inspect.Signature) -> str | None:
 def _fusable_lm_head(lm_head) -> nn.Linear | None:
     """The ``nn.Linear`` the lm_head's forward would run, or None when that is not one linear."""
     inner = _modules_to_save_target(lm_head) if type(lm_head).__name__ == "ModulesToSaveWrapper" else lm_head
-    # An FSDP2 unit of its own holds a shard (DTensor) until its forward runs: upstream calls it.
-    if (type(inner) is nn.Linear and not (inner._forward_hooks or inner._forward_pre_hooks)
-            and type(inner.weight).__name__ != "DTensor"):
+    # FSDP2's own hooks only gather and free the weight; a shard is fine where the head is a unit
+    # (the loss then runs as that unit's forward, see fsdp_units), not elsewhere (e.g. tensor parallel).
+    if (inner is not None and module_class(inner) is nn.Linear and only_fsdp_hooks(inner)
+            and (not is_shard(inner.weight) or fsdp_unit(inner) is not None)):
         return inner
     if not getattr(lm_head, "_unsloth_like_warned", False):
-        logger.info("lm_head is %s, not a plain nn.Linear with whole weights (e.g. an FSDP shard): the loss "
-                    "uses full logits (upstream path).", type(lm_head).__name__)
+        logger.info("lm_head is %s, not a plain nn.Linear or an FSDP2 unit of one: the loss uses full logits "
+                    "(upstream path).", type(lm_head).__name__)
         lm_head._unsloth_like_warned = True
     return None
 
@@ -119,17 +121,16 @@ def _fused_loss_forward(self, lm_head, inputs: dict, softcap_logits: bool):
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         shift_labels = _keep_positions(shift_labels.unsqueeze(-1), logits_to_keep).squeeze(-1)
-    text_config = self.config.get_text_config()
-    loss = fused_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        lm_head.weight,
-        shift_labels.reshape(-1).to(hidden.device),
-        bias=lm_head.bias,
-        ignore_index=ignore_index,
-        softcap=getattr(text_config, "final_logit_softcapping", None) if softcap_logits else None,
-        reduction="mean",
-        n_items=num_items_in_batch,
-    )
+    softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None) if softcap_logits else None
+
+    def head_loss(hidden_rows, target):  # reads the weight when called: a shard until the unit gathers it
+        return fused_linear_cross_entropy(hidden_rows, lm_head.weight, target, bias=lm_head.bias,
+                                          ignore_index=ignore_index, softcap=softcap, reduction="mean",
+                                          n_items=num_items_in_batch)
+
+    unit = fsdp_unit(lm_head) if is_shard(lm_head.weight) else None
+    loss = call_as_forward(unit, head_loss, hidden.reshape(-1, hidden.shape[-1]),
+                           shift_labels.reshape(-1).to(hidden.device))
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
 
