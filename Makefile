@@ -25,14 +25,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# What only the tests need. llama-cpp-python (the gguf-check extra) compiles llama.cpp from
+# What only the tests need (DeepSpeed for the ZeRO tests, built without CUDA ops). llama-cpp-python (the gguf-check extra) compiles llama.cpp from
 # source: ~10 min on 2 cores the first time, seconds afterwards from pip's wheel cache;
 # GGML_NATIVE=OFF makes that cached wheel portable (a -march=native build crashes on CPUs without
 # the same extensions). Go runs the Ollama template tests (tests/gguf_export); without it they are
 # skipped, never failed. llama.cpp's Jinja engine (scripts/build_llamacpp_jinja.py, ~1 min once,
 # a no-op when up to date) renders the exported chat templates as llama-server and Ollama do.
 $(TEST_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check,vision]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check,vision,deepspeed]"
 	@command -v go >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q golang-go >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q golang-go >/dev/null 2>&1)) || echo "note: Go not installed; Ollama template tests will be skipped"
 	touch $@
 

@@ -42,6 +42,7 @@ OPTIONAL_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("flash-attn", "FlashAttention 2 kernels", "pip install flash-attn --no-build-isolation"),
     ("llama-cpp-python", "checking GGUF exports with llama.cpp", "pip install 'unsloth-like[gguf-check]'"),
     ("torchvision", "image processing for vision-language models", "pip install 'unsloth-like[vision]'"),
+    ("deepspeed", "DeepSpeed ZeRO-2/3 on several GPUs", "pip install 'unsloth-like[deepspeed]'"),
     ("pytest", "running the test suite", "pip install 'unsloth-like[dev]'"),
     ("nbclient", "running the notebooks headless", "pip install 'unsloth-like[dev]'"),
 )

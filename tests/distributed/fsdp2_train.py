@@ -11,7 +11,8 @@ forward, then the root.
 hold shards when the attention, MLP and loss read them: the fused paths must step aside there.
 
 Rank 0 (or the single process) writes ``losses.json`` (the global loss per step), ``fusion.json``
-(``lora_fusion_report`` for layer 0, seen inside its forward, and whether the loss was fused) and ``trainable.pt`` (every trainable parameter, gathered to full tensors); then every rank calls the
+(``launch.record_fusion``: the fused paths taken) and ``trainable.pt`` (every trainable
+parameter, gathered to full tensors); then every rank calls the
 save a user's script would call (the saves run once, on rank 0): ``save_pretrained_merged`` to
 ``merged/`` for LoRA and QLoRA, ``save_pretrained_gguf`` (F32) to ``gguf/`` for full finetuning.
 ``--mode qlora`` loads NF4 packed into float32 storage, as FSDP needs (see ``_quantization``).
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from launch import leave, record_fusion  # (this script's directory)
 
 TEXTS = ["What is 3 plus 4? It is 7.", "Describe a red kite, please.", "Name three rivers of Europe.",
          "The quick brown fox jumps over the lazy dog, twice over."]
@@ -63,7 +65,7 @@ def main() -> None:
     local = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
     if distributed:
         model = _shard(model, world, args.units)
-    fusion = _record_fusion(model)
+    fusion = record_fusion(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # SGD, so that weights compare as gradients do: Adam's first steps are lr * g / |g| per element,
     # which turns the rounding of a near-zero gradient into a difference of up to a whole step.
@@ -73,10 +75,7 @@ def main() -> None:
     for _ in range(args.steps):
         # FSDP averages gradients over ranks: each rank divides its token sum by n_items / world,
         # so the average is the gradient of the global mean (what Trainer does with num_items_in_batch).
-        outputs = model(**local, num_items_in_batch=torch.tensor(n_items / world))
-        loss = outputs.loss
-        # The fused loss never makes logits; upstream's path returns them.
-        fusion["lm_head"] = "upstream" if outputs.logits is not None else "fused"
+        loss = model(**local, num_items_in_batch=torch.tensor(n_items / world)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -95,8 +94,6 @@ def main() -> None:
     else:
         model.save_pretrained_gguf(out / "gguf", tokenizer, quantization_method="f32")
     if distributed:
-        from launch import leave  # (this script's directory)
-
         leave()
 
 
@@ -154,22 +151,6 @@ def _accelerate_fsdp2(model):
     accelerator = Accelerator(cpu=True)
     accelerator.state.fsdp_plugin = plugin
     return fsdp2_prepare_model(accelerator, model)
-
-
-def _record_fusion(model) -> dict:
-    """``lora_fusion_report`` for decoder layer 0 as seen inside its forward (when FSDP has
-    unsharded that layer's unit), filled in by the first forward."""
-    from unsloth_like.models.patching import lora_fusion_report
-
-    report: dict = {}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-
-    def record(module, args):
-        if not report:
-            report.update({k: v for k, v in lora_fusion_report(model).items() if ".layers.0." in k})
-
-    base.model.layers[0].mlp.register_forward_pre_hook(record)
-    return report
 
 
 def _full(param):

@@ -1,5 +1,6 @@
-"""Run a script of tests/distributed in one plain process or under ``torchrun`` (gloo on CPU), and
-end a rank of such a script (``leave``; the scripts import this file from their own directory)."""
+"""Run a script of tests/distributed in one plain process or under ``torchrun`` (gloo on CPU); what
+such a script shares (``record_fusion``, ``leave``; the scripts import this file from their own
+directory)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,28 @@ def leave() -> None:
     dist.barrier()
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
+
+
+def record_fusion(model) -> dict:
+    """Which paths the model takes, filled in by its first training forward: ``lora_fusion_report``
+    for decoder layer 0 as seen inside its forward (where FSDP has gathered that layer's unit and
+    ZeRO-3 its parameters), and ``"lm_head"``: ``"fused"`` when our fused loss ran (it returns no
+    logits), ``"upstream"`` when the logits were made, ``"trl"`` for TRL's fused head (SFTTrainer's
+    own forward wrapper; on a CPU it runs our log-prob kernel where the head is whole)."""
+    from unsloth_like.models.patching import lora_fusion_report
+
+    report: dict = {}
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def layers(module, args):
+        if not report:
+            report.update({k: v for k, v in lora_fusion_report(model).items() if ".layers.0." in k})
+
+    def head(module, args, output):
+        if "lm_head" not in report and getattr(output, "loss", None) is not None:
+            logits = getattr(output, "logits", "none: TRL's output")
+            report["lm_head"] = "trl" if isinstance(logits, str) else "upstream" if logits is not None else "fused"
+
+    causal_lm.model.layers[0].mlp.register_forward_pre_hook(layers)
+    causal_lm.register_forward_hook(head)
+    return report

@@ -13,10 +13,10 @@ labels, under ``torch.no_grad()``, when the caller passes ``return_logits=True``
 ``model.config.unsloth_return_logits`` is True. The fused loss uses the lm_head's weight directly
 when it is a plain ``nn.Linear``, or PEFT's ``modules_to_save`` copy of one (the copy of the
 active adapter, or the original when adapters are disabled: exactly what PEFT's wrapper would
-call). An lm_head that is an FSDP2 unit, or part of one, is fused too (``fsdp_units``: the loss
+call). An lm_head that is an FSDP2 unit, or part of one, is fused too (``sharding``: the loss
 runs as the unit's forward where the weight is still a shard). Any other lm_head (LoRA on it,
-trainable-token wrappers, hooks of anyone but FSDP2) takes the upstream path, so no adapter is
-ever skipped.
+trainable-token wrappers, hooks of anyone but FSDP2, DeepSpeed ZeRO-3 partitions) takes the
+upstream path, so no adapter is ever skipped.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused_linear_cross_entropy
-from .fsdp_units import call_as_forward, fsdp_unit, is_shard, module_class, only_fsdp_hooks
+from .sharding import call_as_forward, fsdp_unit, is_shard, is_zero3_partitioned, module_class, only_fsdp_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +74,27 @@ def _var_keyword(signature: inspect.Signature) -> str | None:
 
 
 def _fusable_lm_head(lm_head) -> nn.Linear | None:
-    """The ``nn.Linear`` the lm_head's forward would run, or None when that is not one linear."""
+    """The ``nn.Linear`` the lm_head's forward would run, or None when the loss must call the head."""
     inner = _modules_to_save_target(lm_head) if type(lm_head).__name__ == "ModulesToSaveWrapper" else lm_head
-    # FSDP2's own hooks only gather and free the weight; a shard is fine where the head is a unit
-    # (the loss then runs as that unit's forward, see fsdp_units), not elsewhere (e.g. tensor parallel).
-    if (inner is not None and module_class(inner) is nn.Linear and only_fsdp_hooks(inner)
-            and (not is_shard(inner.weight) or fsdp_unit(inner) is not None)):
+    reason = _head_blocker(lm_head, inner)
+    if reason is None:
         return inner
     if not getattr(lm_head, "_unsloth_like_warned", False):
-        logger.info("lm_head is %s, not a plain nn.Linear or an FSDP2 unit of one: the loss uses full logits "
-                    "(upstream path).", type(lm_head).__name__)
+        logger.info("The loss uses full logits (upstream path): %s.", reason)
         lm_head._unsloth_like_warned = True
+    return None
+
+
+def _head_blocker(lm_head, inner) -> str | None:
+    if inner is None or module_class(inner) is not nn.Linear:
+        return f"lm_head is {type(lm_head).__name__}, not a plain nn.Linear"
+    # Before any read of inner.weight: under ZeRO-3 that read would start a gather of its own.
+    if any(is_zero3_partitioned(p) for p in inner._parameters.values()):
+        return "DeepSpeed ZeRO-3 partitions the lm_head (its hooks gather it for the head's own forward)"
+    if not only_fsdp_hooks(inner):  # FSDP2's own hooks only gather and free the weight
+        return "forward hooks on the lm_head"
+    if is_shard(inner.weight) and fsdp_unit(inner) is None:  # a unit's shard is gathered, see sharding
+        return "the lm_head weight is a DTensor outside any FSDP2 unit (e.g. tensor parallel)"
     return None
 
 

@@ -11,7 +11,8 @@ o, gate/up/down) is fused only when the fused maths is an exact replacement for 
 * at least one projection of the group carries an adapter (otherwise the plain path is the same);
 * no parameter of the group is an FSDP2 shard (a ``DTensor``: a projection or adapter wrapped as an
   FSDP unit of its own is unsharded only by its own forward; inside an FSDP unit's forward, as with
-  one unit per decoder layer, the parameters are full tensors and the group fuses).
+  one unit per decoder layer, the parameters are full tensors and the group fuses), and none is
+  partitioned by DeepSpeed ZeRO-3 (gathered only around its own module's forward).
 
 Anything else runs PEFT's own modules (our norm/RoPE/CE kernels still apply), and the first time
 a reason is seen in a model one log line names it and the layers it affects.
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from ..kernels.lora import Projection, lora_linear, lora_mlp, lora_projections
+from .sharding import is_shard, is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +79,11 @@ def _describe_lora_layer(m) -> Projection | Fallback:
 
 def _lora_layer_blocker(m) -> str | None:
     """The first reason PEFT's forward of this layer differs from the fused maths, or None."""
+    split = _split_parameters(m)  # first: ZeRO-3's own hooks would read as a user's below
+    if split is not None:
+        return split
     if _has_hooks(m):
         return "forward hooks on the layer (e.g. a mixed-adapter batch with adapter_names=)"
-    if any(_sharded(p) for p in m.parameters()):
-        return _SHARDED
     if m.disable_adapters:
         return "adapters disabled"
     if m.merged:
@@ -109,10 +112,11 @@ def _lora_layer_blocker(m) -> str | None:
 
 
 def _describe_base(base: nn.Module, lora: bool) -> Projection | Fallback:
+    split = _split_parameters(base)
+    if split is not None:
+        return Fallback(split, lora)
     if _has_hooks(base) or hasattr(base, "_hf_hook"):
         return Fallback("forward hooks on the base layer (e.g. accelerate offloading)", lora)
-    if any(_sharded(p) for p in base.parameters()):
-        return Fallback(_SHARDED, lora)
     bias = getattr(base, "bias", None)
     if type(base) is nn.Linear:
         if base.weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -147,10 +151,19 @@ def _has_hooks(module: nn.Module) -> bool:
 # FSDP2 units unshard their parameters in their own forward hooks: a LoRA module or linear layer
 # that is a unit of its own holds only its shard (a DTensor) when the attention or MLP reads it.
 _SHARDED = "parameters sharded by FSDP (a unit of their own): PEFT's modules run, which unshard them"
+# DeepSpeed ZeRO-3 gathers a module's parameters in hooks around that module's own forward.
+_ZERO3 = "parameters partitioned by DeepSpeed ZeRO-3: PEFT's modules run, which gather them"
 
 
-def _sharded(tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
+def _split_parameters(module: nn.Module) -> str | None:
+    """Why ``module``'s parameters are not whole here (an FSDP2 shard, a ZeRO-3 partition), or None.
+    Iterating parameters reads no ``module.weight``, so it starts no ZeRO-3 gather."""
+    for param in module.parameters():
+        if is_zero3_partitioned(param):
+            return _ZERO3
+        if is_shard(param):
+            return _SHARDED
+    return None
 
 
 @functools.cache

@@ -14,8 +14,9 @@ wrappers) and, for each model of the trainer that *we patched* and TRL wrapped, 
 instance ``forward``: a ``fused_lm_head=True`` call whose hidden states are on the CPU computes the
 same ``FusedCausalLMOutput`` with our kernel (TRL's own settings: temperature, requested outputs,
 final-logit softcap and logit scale, read from its wrapper); every other call (generation,
-``fused_lm_head=False``, CUDA, ``cast_lm_head_to_fp32``, MoE router losses, sharded heads) goes to
-TRL's forward unchanged. Models we did not load are never touched.
+``fused_lm_head=False``, CUDA, ``cast_lm_head_to_fp32``, MoE router losses, heads sharded by
+FSDP2 or partitioned by DeepSpeed ZeRO-3) goes to TRL's forward unchanged. Models we did not load
+are never touched.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from ..kernels.token_logprobs import token_log_probs
 from .patching import is_patched
+from .sharding import is_shard, is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +86,11 @@ def _ours_applies(model, settings: dict) -> bool:
     """A CPU head in full precision, without the options our kernel leaves to TRL."""
     if settings["cast_lm_head_to_fp32"] or getattr(settings["text_config"], "output_router_logits", False):
         return False
-    weight = getattr(model.get_output_embeddings(), "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.device.type == "cpu" and type(weight).__name__ != "DTensor"
+    head = model.get_output_embeddings()
+    # _parameters, not head.weight: under ZeRO-3 that read would start a gather of its own
+    weight = head._parameters.get("weight") if isinstance(head, torch.nn.Module) else None
+    return (isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
+            and not is_shard(weight) and not is_zero3_partitioned(weight))  # TRL gathers those itself
 
 
 def _fused_on_cpu(model, settings: dict, args, kwargs, labels, shift_labels, num_items_in_batch):

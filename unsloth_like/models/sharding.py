@@ -1,7 +1,14 @@
-"""Reading a module's parameters outside its forward when the module is an FSDP2 unit.
+"""Parameters that a distributed engine holds in pieces, and reading them outside their module's forward.
 
-FSDP2 (``fully_shard``) gathers a unit's parameters in hooks around the unit's forward, and its
-backward hooks hang on that forward's inputs. Our fused loss reads ``lm_head.weight`` without
+Two engines split parameters across ranks: FSDP2 (``fully_shard``: each parameter a ``DTensor``
+shard, gathered in hooks around its unit's forward) and DeepSpeed ZeRO-3 (each parameter an empty
+local tensor with ``ds_*`` attributes, gathered in hooks around every module's forward).
+
+Under ZeRO-3 our fused paths step aside (``lora_fusion``, ``causal_lm``): PEFT's modules and
+upstream's head run, and DeepSpeed's hooks gather their parameters. Reading ``module.weight``
+there would start a gather of its own, on whichever ranks happen to read it.
+
+Under FSDP2 the backward hooks of a unit hang on its forward's inputs. Our fused loss reads ``lm_head.weight`` without
 calling ``lm_head`` (the logits are never made), so when the head is a unit, or part of one, the
 loss must run as that unit's forward would:
 
@@ -28,6 +35,11 @@ _FORWARD_METHOD = "_unsloth_like_forward_as_unit"
 def is_shard(tensor) -> bool:
     """Whether ``tensor`` is an FSDP2 shard (a ``DTensor``) rather than a whole tensor."""
     return type(tensor).__name__ == "DTensor"
+
+
+def is_zero3_partitioned(param) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``param`` (whatever its current status)."""
+    return getattr(param, "ds_id", None) is not None
 
 
 def fsdp_unit(module: nn.Module) -> nn.Module | None:
