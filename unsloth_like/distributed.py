@@ -14,6 +14,9 @@ hand-written loop) do the work. What our side must get right:
 * **Checkpointing DDP accepts.** Our offloaded checkpoint recomputes a layer inside backward
   (reentrant), which DDP refuses ("marked a variable ready twice"); in a multi-process run
   ``models.checkpointing`` uses torch's non-reentrant checkpoint instead (``multi_process``).
+* **4-bit weights that shard.** Under an FSDP or ZeRO-3 launch (``sharded_launch``) the loader
+  stores NF4 in the compute dtype (``bnb_4bit_quant_storage``), the storage those engines can
+  split; with bitsandbytes' default (uint8) accelerate leaves them whole on every GPU.
 * **Saving once**: ``save.distributed``.
 
 The launcher's own environment (``WORLD_SIZE``, ``LOCAL_RANK``) is read, as torch and accelerate
@@ -58,6 +61,18 @@ def check_device_map(device_map) -> None:
             f"device_map places this model on {sorted(devices)}, but this process is one of "
             f"{launched_processes()} started by a launcher (WORLD_SIZE): each process trains its own copy on "
             "its own GPU; drop device_map and each copy goes to cuda:LOCAL_RANK.")
+
+
+def sharded_launch() -> str | None:
+    """The engine that will shard the parameters across processes, when the launcher says so:
+    ``accelerate launch`` with an FSDP config, or a DeepSpeed config at ZeRO stage 3, tells every
+    process in its environment. None otherwise (one process, DDP, ZeRO-1/2, a plain torchrun)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "DeepSpeed ZeRO-3"
+    return None
 
 
 def check_trainer_processes(trainer) -> None:

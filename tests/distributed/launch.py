@@ -13,11 +13,14 @@ HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 900
 
 
-def run(script: str, *args, nproc: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(script: str | Path, *args, nproc: int | None = None, env: dict | None = None,
+        launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """``python script args`` (``nproc=None``) or ``torchrun --standalone --nproc_per_node N``
-    (a free port of its own, so parallel test workers do not collide); raises with the output on
-    failure. One thread per process: the ranks share the machine's cores."""
-    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    (a free port of its own, so parallel test workers do not collide), or ``python <launcher>
+    script args``; ``script`` is relative to this directory unless absolute. Raises with the
+    output on failure. One thread per process: the ranks share the machine's cores."""
+    if launcher is None:
+        launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = [sys.executable, *launcher, str(HERE / script), *map(str, args)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=environment)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..chat_templates import stop_on_tokenizer_eos
-from ..distributed import check_device_map, launch_device
+from ..distributed import check_device_map, launch_device, sharded_launch
 from ..env import is_bfloat16_supported
 from ..rl_handoff import install_rl_keywords
 from ..save.merged import attach_export_methods, attach_save_methods
@@ -436,8 +436,13 @@ def _quantization_config(quant: str, dtype: torch.dtype, keep_unquantized: list[
 
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_unquantized)
+    storage = {}
+    engine = sharded_launch()
+    if engine is not None:  # bitsandbytes' default (uint8) cannot be sharded: accelerate keeps it whole everywhere
+        storage = {"bnb_4bit_quant_storage": dtype}
+        logger.info("%s launch: 4-bit weights stored as %s so that %s shards them.", engine, dtype, engine)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=keep_unquantized)
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=keep_unquantized, **storage)
 
 
 def _ensure_pad_token(tokenizer, model) -> None:
