@@ -63,5 +63,5 @@ def record_fusion(model) -> dict:
             report["lm_head"] = "trl" if isinstance(logits, str) else "upstream" if logits is not None else "fused"
 
     causal_lm.model.layers[0].mlp.register_forward_pre_hook(layers)
-    causal_lm.register_forward_hook(head)
+    model.register_forward_hook(head)  # (older PEFT calls the causal LM's forward directly: no hooks there)
     return report
