@@ -14,7 +14,8 @@ each step did to ``<out>/session.json`` after every step, so a killed run still 
    Qwen2-VL-7B's dimensions, an image in every row;
    ``rl``: ``bench_rl.py`` (a DPO and a GRPO step through TRL, ours vs plain TRL + PEFT; its
    numbers are printed to ``session.log``); ``train-phi`` / ``train-gemma``: the LoRA step with
-   Phi-4-mini's and Gemma-3-4B's text dimensions (numbers in ``session.log``);
+   Phi-4-mini's and Gemma-3-4B's text dimensions (numbers in ``session.log``); ``ddp-nccl``:
+   ``torchrun`` with NCCL through the Trainer's DDP (one process) on a zoo model;
 4. ``kernels``: ``bench_kernels.py --quick`` (bandwidth, cross-entropy block sizes, Liger);
    ``train-liger``: the LoRA step of HF + PEFT with Liger-Kernel applied (its peer);
 5. ``kernel-suite``: the whole kernel test suite, compiled, on CUDA tensors;
@@ -102,6 +103,11 @@ def plan(out: Path, slug: str) -> list[Step]:
                            "--out", f"/tmp/train-lora-phi3-{slug}.json"], 200, 90),
         Step("train-gemma", [PYTHON, "scripts/bench_train.py", "--model", "gemma3_text",
                              "--out", f"/tmp/train-lora-gemma3_text-{slug}.json"], 200, 90),
+        # torchrun with NCCL through the Trainer's DDP: our compiled kernels, checkpointing and save
+        # under a launcher (its losses, process count and backend are printed to session.log)
+        Step("ddp-nccl", [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          "tests/distributed/sft_ddp.py", "--zoo", "llama", "--out", "/tmp/ddp-nccl",
+                          "--per-device", "2", "--no-use-cpu"], 150, 60),
         Step("kernels", [PYTHON, "scripts/bench_kernels.py", "--quick", "--out", str(out / f"kernels-{slug}.json")],
              240, 90, [f"kernels-{slug}.json"]),
         Step("train-liger", [PYTHON, "scripts/bench_train.py", "--variants", "hf_liger",

@@ -28,11 +28,19 @@ from __future__ import annotations
 import os
 
 
+def in_process_group() -> bool:
+    """Whether this process belongs to an initialised process group (of any size: FSDP2 and ZeRO-3
+    split parameters even on one process, e.g. ``torchrun --nproc_per_node 1``)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def multi_process() -> bool:
     """Whether this process is one of several in an initialised process group."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return in_process_group() and dist.get_world_size() > 1
 
 
 def launched_processes() -> int:

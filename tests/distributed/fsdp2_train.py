@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("lora", "qlora", "full"), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: a bf16 model under accelerate's bf16 mixed precision (--units accelerate)")
     parser.add_argument("--units", choices=("layers", "modules", "accelerate"), default="layers",
                         help="modules: every LoRA adapter and the lm_head are FSDP units of their own too; "
                              "accelerate: the units accelerate's FSDP2 plugin makes, made by accelerate itself")
@@ -52,8 +54,9 @@ def main() -> None:
 
     from unsloth_like import FastLanguageModel
 
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model, tokenizer = FastLanguageModel.from_pretrained(args.model, full_finetuning=args.mode == "full",
-                                                         use_gradient_checkpointing=False,
+                                                         use_gradient_checkpointing=False, dtype=dtype,
                                                          **_quantization(args.mode))
     if args.mode in ("lora", "qlora"):
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0,
@@ -64,7 +67,7 @@ def main() -> None:
     rows = len(TEXTS) // world
     local = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
     if distributed:
-        model = _shard(model, world, args.units)
+        model = _shard(model, world, args.units, args.precision)
     fusion = record_fusion(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # SGD, so that weights compare as gradients do: Adam's first steps are lr * g / |g| per element,
@@ -110,12 +113,12 @@ def _quantization(mode: str) -> dict:
         llm_int8_skip_modules=["lm_head"])}
 
 
-def _shard(model, world: int, units: str):
+def _shard(model, world: int, units: str, precision: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if units == "accelerate":
-        return _accelerate_fsdp2(model)
+        return _accelerate_fsdp2(model, precision)
     mesh = init_device_mesh("cpu", (world,))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if units == "modules":  # as a wrap policy that makes each trainable module a unit would
@@ -131,7 +134,7 @@ def _shard(model, world: int, units: str):
     return model
 
 
-def _accelerate_fsdp2(model):
+def _accelerate_fsdp2(model, precision: str):
     """Shard as ``accelerate launch`` with ``fsdp_version: 2`` and a transformer-layer wrap policy
     does, through accelerate's own ``fsdp2_prepare_model`` (each decoder layer a unit; the input
     embedding a unit, or with tied embeddings part of the tail; ``[final norm, lm_head]`` a tail
@@ -148,7 +151,9 @@ def _accelerate_fsdp2(model):
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=[type(base.model.layers[0]).__name__], reshard_after_forward=True)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision == "bf16" else "no")
+    if precision == "bf16":  # what AcceleratorState does with the plugin on a GPU
+        plugin.set_mixed_precision("bf16")
     accelerator.state.fsdp_plugin = plugin
     return fsdp2_prepare_model(accelerator, model)
 

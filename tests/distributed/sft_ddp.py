@@ -29,7 +29,9 @@ TEXTS = [f"Question {i}: what is {i} plus {i + 3}? Answer: {2 * i + 3}. " + "Riv
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model folder")
+    source.add_argument("--zoo", help="a zoo model's name, built here (the GPU session's NCCL step)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--per-device", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
@@ -45,6 +47,10 @@ def main() -> None:
 
     from unsloth_like import FastLanguageModel
 
+    if args.zoo:
+        from unsloth_like.testing.zoo import zoo_model_dir
+
+        args.model = zoo_model_dir(args.zoo)
     model, tokenizer = FastLanguageModel.from_pretrained(args.model, load_in_4bit=False, max_seq_length=64)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0,
                                              use_gradient_checkpointing="unsloth")
@@ -63,8 +69,11 @@ def main() -> None:
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        (out / "losses.json").write_text(json.dumps({"losses": losses,
-                                                     "processes": trainer.accelerator.num_processes}))
+        report = {"losses": losses, "processes": trainer.accelerator.num_processes,
+                  "distributed_type": trainer.accelerator.distributed_type.value,
+                  "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None}
+        print(json.dumps(report))
+        (out / "losses.json").write_text(json.dumps(report))
         (out / "fusion.json").write_text(json.dumps(fusion))
         torch.save(adapter, out / "adapter.pt")
     model.save_pretrained_merged(out / "merged", tokenizer)

@@ -13,7 +13,8 @@ only partitions (an empty local tensor outside a forward), which the merge canno
 3. the outcome (the paths written, or the error) is broadcast, so every rank returns the same
    value or raises, and none is left waiting.
 
-Outside an initialised process group of more than one rank this is the plain call.
+Outside an initialised process group this is the plain call. (A group of one still gathers:
+FSDP2 and ZeRO-3 hold their parameters as shards even on a single process.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import functools
 import torch
 from torch import nn
 
-from ..distributed import multi_process
+from ..distributed import in_process_group
 from ..models.sharding import is_shard, is_zero3_partitioned
 
 
@@ -33,7 +34,7 @@ def once_on_rank0(save):
 
     @functools.wraps(save)
     def collective_save(model, *args, **kwargs):
-        if not multi_process():
+        if not in_process_group():
             return save(model, *args, **kwargs)
         import torch.distributed as dist
 
