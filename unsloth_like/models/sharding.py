@@ -8,9 +8,9 @@ Under ZeRO-3 our fused paths step aside (``lora_fusion``, ``causal_lm``): PEFT's
 upstream's head run, and DeepSpeed's hooks gather their parameters. Reading ``module.weight``
 there would start a gather of its own, on whichever ranks happen to read it.
 
-Under FSDP2 the backward hooks of a unit hang on its forward's inputs. Our fused loss reads ``lm_head.weight`` without
-calling ``lm_head`` (the logits are never made), so when the head is a unit, or part of one, the
-loss must run as that unit's forward would:
+Under FSDP2 the backward hooks of a unit hang on its forward's inputs. Our fused loss reads
+``lm_head.weight`` without calling ``lm_head`` (the logits are never made), so when the head is a
+unit, or part of one, the loss must run as that unit's forward would:
 
 * Part of a unit that is already gathered (accelerate's ``[final norm, lm_head]`` tail unit, kept
   gathered after the norm's forward): the weight is a whole tensor, and the unit's own hooks
