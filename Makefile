@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,plots]"
 	touch $@
 
 # What only the tests need (DeepSpeed for the ZeRO tests, built without CUDA ops). llama-cpp-python (the gguf-check extra) compiles llama.cpp from
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 # skipped, never failed. llama.cpp's Jinja engine (scripts/build_llamacpp_jinja.py, ~1 min once,
 # a no-op when up to date) renders the exported chat templates as llama-server and Ollama do.
 $(TEST_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev,gguf-check,vision,deepspeed]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev,plots,gguf-check,vision,deepspeed]"
 	@command -v go >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q golang-go >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q golang-go >/dev/null 2>&1)) || echo "note: Go not installed; Ollama template tests will be skipped"
 	touch $@
 

@@ -7,6 +7,7 @@ for a user on a CPU machine (no TRITON_INTERPRET).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,10 +37,22 @@ def test_demo_trains_and_saves_a_loadable_adapter(architecture, zoo_cache, tmp_p
     assert len(result.losses) == 10
     assert result.last_loss < result.first_loss - 0.2, result.losses
     assert f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}" in messages[0]
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "demo_summary.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "demo_summary.json",
+                 "merged/config.json", "gguf/Modelfile"):
         assert (out / name).is_file(), name
+    assert (out / "loss.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging removed
-    assert json.loads((out / "demo_summary.json").read_text())["losses"] == result.losses
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["losses"] == result.losses
+    assert summary["gguf"] == [f"{architecture}-demo.Q8_0.gguf", f"{architecture}-demo.Q4_K_M.gguf"]
+    # greedy answers to held-back prompts: before and after training, from the merged export
+    # reloaded by plain transformers, and from the q8_0 GGUF through llama.cpp when it is installed
+    stages = ["before", "after", "merged"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    assert list(summary["answers"]) == stages and summary["answers"] == result.answers
+    assert len(result.prompts) == 3 and all(len(texts) == 3 for texts in result.answers.values())
+    assert "demo: greedy answers to prompts training never saw" in messages[1]
+    for gguf_file in summary["gguf"]:
+        assert (out / "gguf" / gguf_file).is_file()
 
     adapter = load_file(out / "adapter_model.safetensors")
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]

@@ -1,14 +1,23 @@
 """The built-in end-to-end job: load a tiny zoo model with ``FastLanguageModel``, add LoRA with
 ``FastLanguageModel.get_peft_model`` (fused LoRA path, offloaded checkpointing on GPU), finetune
-it through TRL's ``SFTTrainer``, and save the adapter.
+it through TRL's ``SFTTrainer``, and export it the ways a user ships a model.
 
-Runs anywhere (CPU in a few seconds, GPU if present) with nothing downloaded. It is what
-``make demo`` / ``python -m unsloth_like demo`` runs, and it grows with the library: later stages
-add merged and GGUF exports.
+Runs anywhere (CPU in well under a minute, GPU if present) with nothing downloaded. It is what
+``make demo`` / ``python -m unsloth_like demo`` runs. ``<output_dir>`` gets:
+
+* the adapter and tokenizer (``adapter_model.safetensors`` ...), ``demo_summary.json``;
+* ``loss.png``, the loss curve (when matplotlib is installed: ``unsloth-like[plots]``);
+* ``merged/``: 16-bit weights with the adapter merged in, which plain transformers loads;
+* ``gguf/``: ``q8_0`` and ``q4_k_m`` GGUF files and an Ollama ``Modelfile``.
+
+It prints greedy answers to held-back prompts (questions of the training kinds that training never
+saw) before and after training, then the merged model's answers (plain transformers) next to the
+``q8_0`` GGUF's through llama.cpp, when llama-cpp-python is installed (``unsloth-like[gguf-check]``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -26,6 +35,9 @@ from .testing.zoo import get_spec, zoo_model_dir
 
 
 _MAX_LENGTH = 128
+_ANSWER_TOKENS = 24
+_HELD_BACK = 3  # prompts, drawn with another seed than the training set's
+_GGUF_METHODS = ("q8_0", "q4_k_m")
 
 
 @dataclass
@@ -48,6 +60,8 @@ class DemoResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    prompts: list[str] = field(default_factory=list)
+    answers: dict[str, list[str]] = field(default_factory=dict)  # "before", "after", "merged", "llama.cpp"
 
     @property
     def first_loss(self) -> float:
@@ -103,6 +117,8 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         target_modules="all-linear", random_state=settings.seed, use_gradient_checkpointing="unsloth",
     )
     dataset = Dataset.from_dict({"messages": demo_conversations(settings.n_conversations, seed=settings.seed)})
+    prompts = [chat[0]["content"] for chat in demo_conversations(_HELD_BACK, seed=settings.seed + 1)]
+    answers = {"before": _greedy_answers(model, tokenizer, prompts)}
 
     out = Path(settings.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +138,6 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
             bf16=is_bfloat16_supported(),
             fp16=False,
             use_cpu=device == "cpu",
-            disable_tqdm=True,
         )
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
         started = time.perf_counter()
@@ -131,13 +146,26 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if not losses or not all(math.isfinite(x) for x in losses):
             raise RuntimeError(f"Training produced no finite losses: {losses}.")
+        answers["after"] = _greedy_answers(model, tokenizer, prompts)
 
         shutil.rmtree(staging / "trainer", ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        result = DemoResult(output_dir=out, losses=losses, seconds=seconds, device=device)
+        plotted = _plot_losses(losses, staging / "loss.png")
+        model.save_pretrained_merged(staging / "merged", tokenizer, save_method="merged_16bit")
+        # the files are named after their folder (<arch>-demo.Q8_0.gguf); the folder is then called gguf
+        named = staging / f"{settings.architecture}-demo"
+        written = model.save_pretrained_gguf(named, tokenizer, quantization_method=list(_GGUF_METHODS))
+        named.rename(staging / "gguf")
+        gguf_paths = [staging / "gguf" / path.name for path in written]
+        answers["merged"] = _merged_answers(staging / "merged", prompts)
+        if importlib.util.find_spec("llama_cpp") is not None:
+            answers["llama.cpp"] = _llama_cpp_answers(gguf_paths[0], staging / "merged", prompts)
+        result = DemoResult(output_dir=out, losses=losses, seconds=seconds, device=device, prompts=prompts,
+                            answers=answers)
         summary = {"settings": {k: str(v) for k, v in asdict(settings).items()},
-                   "device": device, "seconds": seconds, "losses": losses}
+                   "device": device, "seconds": seconds, "losses": losses, "prompts": prompts, "answers": answers,
+                   "gguf": [p.name for p in gguf_paths]}
         (staging / "demo_summary.json").write_text(json.dumps(summary, indent=2))
         _replace_dir(staging, out)
     finally:
@@ -148,4 +176,79 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         f"{settings.max_steps} steps on {device} in {result.seconds:.1f}s; "
         f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}; adapter saved to {out}"
     )
+    log(_answer_table(prompts, answers))
+    log(f"demo: wrote {out}/merged (16-bit), {out}/gguf ({', '.join(_GGUF_METHODS)} + Modelfile)"
+        + (f", {out}/loss.png" if plotted else "; install unsloth-like[plots] for loss.png")
+        + ("" if "llama.cpp" in answers else "; install unsloth-like[gguf-check] to hear the GGUF through llama.cpp"))
     return result
+
+
+def _greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
+    """Greedy answers of ``model`` (ours, in inference mode for the call) to one-turn chats."""
+    FastLanguageModel.for_inference(model)
+    try:
+        return [_generate(model, tokenizer, prompt) for prompt in prompts]
+    finally:
+        FastLanguageModel.for_training(model)
+
+
+def _merged_answers(merged_dir: Path, prompts: list[str]) -> list[str]:
+    """The same answers from the merged export, loaded by plain transformers (no patches of ours)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    return [_generate(model, tokenizer, prompt) for prompt in prompts]
+
+
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    return list(ids)
+
+
+def _generate(model, tokenizer, prompt: str) -> str:
+    ids = _chat_ids(tokenizer, prompt)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        output = model.generate(input_ids=torch.tensor([ids], device=device), do_sample=False,
+                                max_new_tokens=_ANSWER_TOKENS, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def _llama_cpp_answers(gguf_path: Path, merged_dir: Path, prompts: list[str]) -> list[str]:
+    """Greedy answers of the GGUF through llama.cpp, fed the same prompt tokens as transformers."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=_MAX_LENGTH * 2, verbose=False, seed=0)
+    try:
+        return [llm.create_completion(_chat_ids(tokenizer, prompt), max_tokens=_ANSWER_TOKENS,
+                                      temperature=0.0)["choices"][0]["text"].strip() for prompt in prompts]
+    finally:
+        llm.close()
+
+
+def _answer_table(prompts: list[str], answers: dict[str, list[str]]) -> str:
+    lines = ["demo: greedy answers to prompts training never saw"]
+    for i, prompt in enumerate(prompts):
+        lines.append(f"  Q: {prompt}")
+        lines.extend(f"    {stage + ':':<10} {texts[i]!r}" for stage, texts in answers.items())
+    return "\n".join(lines)
+
+
+def _plot_losses(losses: list[float], path: Path) -> bool:
+    """The loss curve as a PNG; False when matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    from matplotlib.figure import Figure  # no pyplot: no display, no global backend switch
+
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    axes = figure.add_subplot()
+    axes.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3)
+    axes.set(xlabel="step", ylabel="training loss", title="demo: LoRA finetuning")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return True

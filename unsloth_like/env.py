@@ -43,6 +43,7 @@ OPTIONAL_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("llama-cpp-python", "checking GGUF exports with llama.cpp", "pip install 'unsloth-like[gguf-check]'"),
     ("torchvision", "image processing for vision-language models", "pip install 'unsloth-like[vision]'"),
     ("deepspeed", "DeepSpeed ZeRO-2/3 on several GPUs", "pip install 'unsloth-like[deepspeed]'"),
+    ("matplotlib", "the demo's loss curve", "pip install 'unsloth-like[plots]'"),
     ("pytest", "running the test suite", "pip install 'unsloth-like[dev]'"),
     ("nbclient", "running the notebooks headless", "pip install 'unsloth-like[dev]'"),
 )
