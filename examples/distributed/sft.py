@@ -59,8 +59,9 @@ def main() -> None:
     if trainer.is_world_process_zero():
         print(f"Trained {trainer.state.global_step} steps on {trainer.accelerator.num_processes} process(es) "
               f"({trainer.accelerator.distributed_type.value}); wrote {args.output}/lora and {args.output}/merged.")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # shut the process group down before the interpreter does
+    if torch.distributed.is_initialized():  # shut the process group down together, before the interpreter does
+        torch.distributed.barrier()  # (torch 2.9 with gloo can hang when one rank destroys it before the other)
+        torch.distributed.destroy_process_group()
 
 
 def _load_dataset(source: str):

@@ -14,7 +14,7 @@ TIMEOUT_S = 900
 
 
 def run(script: str | Path, *args, nproc: int | None = None, env: dict | None = None,
-        launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+        launcher: list[str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     """``python script args`` (``nproc=None``) or ``torchrun --standalone --nproc_per_node N``
     (a free port of its own, so parallel test workers do not collide), or ``python <launcher>
     script args``; ``script`` is relative to this directory unless absolute. Raises with the
@@ -23,7 +23,7 @@ def run(script: str | Path, *args, nproc: int | None = None, env: dict | None = 
         launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = [sys.executable, *launcher, str(HERE / script), *map(str, args)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=environment)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
         raise AssertionError(f"{' '.join(command)} exited with {done.returncode}; error lines:\n"

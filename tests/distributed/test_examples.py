@@ -62,7 +62,8 @@ def test_the_example_trains_on_two_processes_through_accelerate_launch(zoo_cache
     done = run(EXAMPLES / "sft.py", "--model", model, "--dataset", data,
                "--output", tmp_path / "out", "--max-steps", 2, "--max-seq-length", 64, "--accumulation", 1,
                launcher=["-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "accelerate" / "ddp.yaml"),
-                         "--num_processes", "2", "--main_process_port", str(port)])
+                         "--num_processes", "2", "--main_process_port", str(port)],
+               timeout=300)  # ~20 s; a process group that hangs at exit must not hold CI for long
     assert "Trained 2 steps on 2 process(es) (MULTI_CPU)" in done.stdout
     assert (tmp_path / "out" / "lora" / "adapter_model.safetensors").is_file()
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").state_dict()
