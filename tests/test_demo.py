@@ -19,6 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from unsloth_like.demo import DemoSettings, run_demo
+from unsloth_like.testing.corpus import demo_conversations
 from unsloth_like.kernels import use_backend
 from unsloth_like.testing.zoo import load_zoo_model
 
@@ -50,6 +51,7 @@ def test_demo_trains_and_saves_a_loadable_adapter(architecture, zoo_cache, tmp_p
     stages = ["before", "after", "merged"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
     assert list(summary["answers"]) == stages and summary["answers"] == result.answers
     assert len(result.prompts) == 3 and all(len(texts) == 3 for texts in result.answers.values())
+    assert not set(result.prompts) & {chat[0]["content"] for chat in demo_conversations(64, seed=3407)}
     assert "demo: greedy answers to prompts training never saw" in messages[1]
     for gguf_file in summary["gguf"]:
         assert (out / "gguf" / gguf_file).is_file()

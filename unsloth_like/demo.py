@@ -99,7 +99,8 @@ def _replace_dir(staging: Path, out: Path) -> None:
 
 
 def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
-    """Train, save the adapter + tokenizer to ``settings.output_dir``, and report the loss."""
+    """Train, answer held-back prompts before and after, export (adapter, merged, GGUF) to
+    ``settings.output_dir``, and report (see the module docstring)."""
     settings = settings or DemoSettings()
     _check_settings(settings)  # fail before anything is built or trained
 
@@ -116,8 +117,9 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         model, r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
         target_modules="all-linear", random_state=settings.seed, use_gradient_checkpointing="unsloth",
     )
-    dataset = Dataset.from_dict({"messages": demo_conversations(settings.n_conversations, seed=settings.seed)})
-    prompts = [chat[0]["content"] for chat in demo_conversations(_HELD_BACK, seed=settings.seed + 1)]
+    conversations = demo_conversations(settings.n_conversations, seed=settings.seed)
+    dataset = Dataset.from_dict({"messages": conversations})
+    prompts = _held_back_prompts(conversations, settings.seed)
     answers = {"before": _greedy_answers(model, tokenizer, prompts)}
 
     out = Path(settings.output_dir)
@@ -179,8 +181,18 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
     log(_answer_table(prompts, answers))
     log(f"demo: wrote {out}/merged (16-bit), {out}/gguf ({', '.join(_GGUF_METHODS)} + Modelfile)"
         + (f", {out}/loss.png" if plotted else "; install unsloth-like[plots] for loss.png")
-        + ("" if "llama.cpp" in answers else "; install unsloth-like[gguf-check] to hear the GGUF through llama.cpp"))
+        + ("" if "llama.cpp" in answers else "; install unsloth-like[gguf-check] to run the GGUF through llama.cpp"))
     return result
+
+
+def _held_back_prompts(conversations, seed: int) -> list[str]:
+    """Questions of the training kinds, drawn with another seed, none of them in the training set."""
+    seen = {chat[0]["content"] for chat in conversations}
+    candidates = (chat[0]["content"] for chat in demo_conversations(_HELD_BACK * 20, seed=seed + 1))
+    prompts = list(dict.fromkeys(q for q in candidates if q not in seen))[:_HELD_BACK]
+    if len(prompts) < _HELD_BACK:
+        raise RuntimeError("Could not draw held-back prompts outside the training set; use fewer conversations.")
+    return prompts
 
 
 def _greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
