@@ -45,6 +45,34 @@ def _gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("merged_16bit", "merged_4bit", "gguf", "lora")
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Load SOURCE (an adapter directory, or a model directory for gguf) and save it as --to says."""
+    import sys
+
+    source = Path(args.source)
+    try:
+        if args.to != "gguf" and not (source / "adapter_config.json").is_file():
+            raise ValueError(f"{source} is not an adapter directory (no adapter_config.json): {args.to} saves a "
+                             "trained LoRA adapter with its base model. For a whole model use --to gguf.")
+        from .models.loader import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(str(source), load_in_4bit=False)
+        if args.to == "gguf":
+            paths = model.save_pretrained_gguf(args.output, tokenizer, quantization_method=args.quantization or ["q8_0"],
+                                               overwrite=args.overwrite, modelfile=not args.no_modelfile)
+        else:
+            paths = [model.save_pretrained_merged(args.output, tokenizer, save_method=args.to, overwrite=args.overwrite)]
+    except (ValueError, OSError) as error:  # bad input, existing files, disk space: the message says what to do
+        print(f"unsloth-like export: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing.zoo import ZOO
 
@@ -81,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gguf.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
     gguf.set_defaults(run=_gguf)
+
+    export = commands.add_parser(
+        "export", help="save a trained adapter merged into its base (16-bit or 4-bit), or as GGUF (+ Modelfile)",
+        description="Load SOURCE as FastLanguageModel.from_pretrained does (an adapter directory brings its base "
+                    "model) and save it: merged_16bit / merged_4bit (save_pretrained_merged), gguf "
+                    "(save_pretrained_gguf, with an Ollama Modelfile), or lora (the adapter and tokenizer).")
+    export.add_argument("source", help="an adapter directory (adapter_config.json); for --to gguf also a model directory")
+    export.add_argument("output", help="the directory to write")
+    export.add_argument("--to", choices=EXPORT_FORMATS, default="merged_16bit", help="what to write (default merged_16bit)")
+    export.add_argument("-q", "--quantization", action="append", metavar="METHOD",
+                        help="with --to gguf: q8_0 (default), f16, bf16, q4_k_m, ...; repeat for several files")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output")
+    export.add_argument("--no-modelfile", action="store_true", help="with --to gguf: do not write an Ollama Modelfile")
+    export.set_defaults(run=_export)
     return parser
 
 
