@@ -53,6 +53,8 @@ def test_export_refuses_what_it_cannot_do_before_writing(adapter_dir, zoo_cache,
     assert cli_main(["export", str(model_dir), str(tmp_path / "out")]) == 2
     assert "is not an adapter directory (no adapter_config.json)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert cli_main(["export", str(adapter_dir), str(tmp_path / "out"), "-q", "q4_k_m"]) == 2
+    assert "-q/--no-modelfile apply to --to gguf only" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("user data")
     assert cli_main(["export", str(adapter_dir), str(tmp_path / "taken")]) == 2

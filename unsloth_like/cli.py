@@ -54,6 +54,8 @@ def _export(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     try:
+        if args.to != "gguf" and (args.quantization or args.no_modelfile):
+            raise ValueError(f"-q/--no-modelfile apply to --to gguf only, not --to {args.to}.")
         if args.to != "gguf" and not (source / "adapter_config.json").is_file():
             raise ValueError(f"{source} is not an adapter directory (no adapter_config.json): {args.to} saves a "
                              "trained LoRA adapter with its base model. For a whole model use --to gguf.")
