@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from unsloth_like.demo import DemoSettings, run_demo
 from unsloth_like.testing.corpus import demo_conversations
 from unsloth_like.kernels import use_backend
-from unsloth_like.testing.zoo import load_zoo_model
+from unsloth_like.testing.zoo import load_zoo_model, zoo_model_dir
 
 
 @pytest.mark.slow
@@ -98,3 +98,42 @@ def test_demo_command_line(zoo_cache, tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert again.returncode != 0 and "is not empty; pass --overwrite" in again.stderr
+
+
+@pytest.mark.slow
+def test_demo_takes_a_model_folder_a_dataset_file_and_a_chat_template(zoo_cache, tmp_path):
+    """Real use: --model a folder (here a zoo model's), --dataset a jsonl of chats (its last 3 rows
+    are held back for the answers), --chat-template a name; the same exports."""
+    rows = demo_conversations(24, seed=1)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": chat}) for chat in rows))
+    model_dir = zoo_model_dir("qwen2", zoo_cache)
+    out = tmp_path / "real"
+    with use_backend("torch"):
+        result = run_demo(DemoSettings(output_dir=out, model=str(model_dir), dataset=str(data),
+                                       chat_template="chatml", max_steps=3, batch_size=4), log=lambda _: None)
+    assert result.prompts == [chat[0]["content"] for chat in rows[-3:]]
+    assert list(result.answers)[:3] == ["before", "after", "merged"]
+    assert sorted(p.name for p in (out / "gguf").glob("*.gguf")) == [f"{model_dir.name}-demo.Q4_K_M.gguf",
+                                                                     f"{model_dir.name}-demo.Q8_0.gguf"]
+    assert "<|im_start|>" in (out / "merged" / "tokenizer_config.json").read_text() + (
+        (out / "merged" / "chat_template.jinja").read_text() if (out / "merged" / "chat_template.jinja").exists() else "")
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"chat_template": "no-such-template"}, "Unknown chat template 'no-such-template'; choose one of"),
+    ({"dataset": "missing.jsonl"}, "does not exist; pass a json/jsonl/parquet file"),
+    ({"dataset": "chats.csv"}, "the demo reads .json, .jsonl, .parquet files"),
+])
+def test_demo_refuses_bad_real_use_settings_before_loading(settings, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chats.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=message):
+        run_demo(DemoSettings(output_dir=tmp_path / "out", model="/nonexistent/model", **settings))
+
+
+def test_demo_refuses_a_dataset_without_messages_or_text(zoo_cache, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"question": "q", "answer": "a"}) for _ in range(8)))
+    with pytest.raises(ValueError, match=r"has columns \['question', 'answer'\]; the demo trains on 'messages'"):
+        run_demo(DemoSettings(output_dir=tmp_path / "out", dataset=str(data), cache_dir=zoo_cache))

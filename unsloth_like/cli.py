@@ -15,17 +15,32 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import sys
+
     from .demo import DemoSettings, run_demo
 
+    from .testing.zoo import ZOO
+
+    zoo = args.model in ZOO and not Path(args.model).exists()  # a zoo name, not a folder of that name
     settings = DemoSettings(
         output_dir=Path(args.output_dir),
-        architecture=args.model,
+        architecture=args.model if zoo else "llama",
+        model=None if zoo else args.model,
+        dataset=args.dataset,
+        chat_template=args.chat_template,
+        load_in_4bit=args.load_in_4bit,
         max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        max_seq_length=args.max_seq_length,
         seed=args.seed,
         overwrite=args.overwrite,
         cache_dir=Path(args.zoo_cache) if args.zoo_cache else None,
     )
-    run_demo(settings)
+    try:
+        run_demo(settings)
+    except ValueError as error:  # bad settings, refused before any training: the message says what to do
+        print(f"unsloth-like demo: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -85,15 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(run=_doctor)
 
     demo = commands.add_parser(
-        "demo", help="finetune a tiny built-in model on a built-in chat dataset and save the adapter"
+        "demo", help="finetune a model with LoRA through TRL, answer before/after, export 16-bit, GGUF and a Modelfile",
+        description="With no options: a tiny built-in model on built-in chats, on CPU in about a minute. "
+                    "--model/--dataset/--chat-template make it a real finetune.",
     )
-    demo.add_argument("--output-dir", default="outputs/demo", help="where the trained adapter goes")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the adapter and exports go")
     demo.add_argument(
         "--model",
         default="llama",
-        choices=sorted(name for name, spec in ZOO.items() if not spec.is_vlm),
-        help="which tiny zoo architecture to train",
+        help="a model directory or hub id, or a tiny zoo architecture: "
+             + ", ".join(sorted(name for name, spec in ZOO.items() if not spec.is_vlm)) + " (default llama)",
     )
+    demo.add_argument("--dataset", help="a json/jsonl/parquet file or a saved datasets folder with 'messages' "
+                                        "(its last 3 rows are held back for the answers) or 'text'")
+    demo.add_argument("--chat-template", help="a chat template name (e.g. llama-3.1, chatml, qwen-2.5)")
+    demo.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (meant for a GPU)")
+    demo.add_argument("--learning-rate", type=float, help="default 3e-3 for a zoo model, 2e-4 otherwise")
+    demo.add_argument("--max-seq-length", type=int, default=128, help="tokens per training row (default 128)")
     demo.add_argument("--max-steps", type=int, default=40, help="optimizer steps")
     demo.add_argument("--seed", type=int, default=3407)
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -13,6 +13,10 @@ Runs anywhere (CPU in well under a minute, GPU if present) with nothing download
 It prints greedy answers to held-back prompts (questions of the training kinds that training never
 saw) before and after training, then the merged model's answers (plain transformers) next to the
 ``q8_0`` GGUF's through llama.cpp, when llama-cpp-python is installed (``unsloth-like[gguf-check]``).
+
+The same job is real use with ``model`` (a model directory or hub id), ``dataset`` (a
+json/jsonl/parquet file or a saved ``datasets`` folder with ``messages`` or ``text``; with
+``messages`` its last rows are the held-back prompts), ``chat_template`` and ``load_in_4bit``.
 """
 
 from __future__ import annotations
@@ -38,20 +42,26 @@ _MAX_LENGTH = 128
 _ANSWER_TOKENS = 24
 _HELD_BACK = 3  # prompts, drawn with another seed than the training set's
 _GGUF_METHODS = ("q8_0", "q4_k_m")
+_DATASET_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> datasets builder
 
 
 @dataclass
 class DemoSettings:
     output_dir: Path = Path("outputs/demo")
-    architecture: str = "llama"
+    architecture: str = "llama"  # the zoo model trained when ``model`` is None
     max_steps: int = 40
     seed: int = 3407
     overwrite: bool = False
     n_conversations: int = 256
     batch_size: int = 8
-    learning_rate: float = 3e-3
+    learning_rate: float | None = None  # None: 3e-3 for a zoo model (random weights), 2e-4 for a real one
     lora_rank: int = 16
     cache_dir: Path | None = None  # zoo cache; None = ~/.cache/unsloth_like/zoo
+    model: str | None = None  # a model directory or hub id instead of the zoo model
+    dataset: str | None = None  # a json/jsonl/parquet file or a saved datasets folder instead of the built-in chats
+    chat_template: str | None = None  # a name from chat_templates.CHAT_TEMPLATES
+    load_in_4bit: bool = False  # QLoRA (NF4 bases; bitsandbytes' CPU path is slow, meant for a GPU)
+    max_seq_length: int = _MAX_LENGTH
 
 
 @dataclass
@@ -73,11 +83,25 @@ class DemoResult:
 
 
 def _check_settings(settings: DemoSettings) -> None:
-    spec = get_spec(settings.architecture)
-    if spec.is_vlm:
-        raise ValueError(f"The demo trains text models; {spec.name!r} is a vision-language model.")
+    if settings.model is None:
+        spec = get_spec(settings.architecture)
+        if spec.is_vlm:
+            raise ValueError(f"The demo trains text models; {spec.name!r} is a vision-language model.")
     if settings.max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {settings.max_steps}.")
+    if settings.chat_template is not None:
+        from .chat_templates import CHAT_TEMPLATES
+
+        if settings.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"Unknown chat template {settings.chat_template!r}; choose one of "
+                             f"{', '.join(sorted(CHAT_TEMPLATES))}.")
+    if settings.dataset is not None:
+        path = Path(settings.dataset)
+        if not path.exists():
+            raise ValueError(f"Dataset {path} does not exist; pass a json/jsonl/parquet file or a saved datasets folder.")
+        if path.is_file() and path.suffix not in _DATASET_FORMATS:
+            raise ValueError(f"Dataset {path} is a {path.suffix or 'suffix-less'} file; the demo reads "
+                             f"{', '.join(_DATASET_FORMATS)} files or a folder saved by datasets.")
     out = Path(settings.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"Output path {out} exists and is not a directory; choose another --output-dir.")
@@ -104,23 +128,25 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
     settings = settings or DemoSettings()
     _check_settings(settings)  # fail before anything is built or trained
 
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(settings.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        str(zoo_model_dir(settings.architecture, settings.cache_dir)), max_seq_length=_MAX_LENGTH,
-        load_in_4bit=False,  # bitsandbytes' CPU 4-bit path is slow; a GPU run could use QLoRA
-    )
+    source = settings.model or str(zoo_model_dir(settings.architecture, settings.cache_dir))
+    name = Path(settings.model.rstrip("/")).name if settings.model else settings.architecture
+    model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=settings.max_seq_length,
+                                                         load_in_4bit=settings.load_in_4bit)
+    if settings.chat_template is not None:
+        from .chat_templates import get_chat_template
+
+        tokenizer = get_chat_template(tokenizer, chat_template=settings.chat_template)
     model = FastLanguageModel.get_peft_model(
         model, r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
         target_modules="all-linear", random_state=settings.seed, use_gradient_checkpointing="unsloth",
     )
-    conversations = demo_conversations(settings.n_conversations, seed=settings.seed)
-    dataset = Dataset.from_dict({"messages": conversations})
-    prompts = _held_back_prompts(conversations, settings.seed)
-    answers = {"before": _greedy_answers(model, tokenizer, prompts)}
+    dataset, prompts = _training_data(settings)
+    learning_rate = settings.learning_rate or (2e-4 if settings.model else 3e-3)
+    answers = {"before": _greedy_answers(model, tokenizer, prompts)} if prompts else {}
 
     out = Path(settings.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,13 +156,13 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
             output_dir=str(staging / "trainer"),
             max_steps=settings.max_steps,
             per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
+            learning_rate=learning_rate,
             lr_scheduler_type="constant",
             logging_steps=1,
             save_strategy="no",
             report_to="none",
             seed=settings.seed,
-            max_length=_MAX_LENGTH,
+            max_length=settings.max_seq_length,
             bf16=is_bfloat16_supported(),
             fp16=False,
             use_cpu=device == "cpu",
@@ -148,20 +174,22 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if not losses or not all(math.isfinite(x) for x in losses):
             raise RuntimeError(f"Training produced no finite losses: {losses}.")
-        answers["after"] = _greedy_answers(model, tokenizer, prompts)
+        if prompts:
+            answers["after"] = _greedy_answers(model, tokenizer, prompts)
 
         shutil.rmtree(staging / "trainer", ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         plotted = _plot_losses(losses, staging / "loss.png")
         model.save_pretrained_merged(staging / "merged", tokenizer, save_method="merged_16bit")
-        # the files are named after their folder (<arch>-demo.Q8_0.gguf); the folder is then called gguf
-        named = staging / f"{settings.architecture}-demo"
+        # the files are named after their folder (<name>-demo.Q8_0.gguf); the folder is then called gguf
+        named = staging / f"{name}-demo"
         written = model.save_pretrained_gguf(named, tokenizer, quantization_method=list(_GGUF_METHODS))
         named.rename(staging / "gguf")
         gguf_paths = [staging / "gguf" / path.name for path in written]
-        answers["merged"] = _merged_answers(staging / "merged", prompts)
-        if importlib.util.find_spec("llama_cpp") is not None:
+        if prompts:
+            answers["merged"] = _merged_answers(staging / "merged", prompts)
+        if prompts and importlib.util.find_spec("llama_cpp") is not None:
             answers["llama.cpp"] = _llama_cpp_answers(gguf_paths[0], staging / "merged", prompts)
         result = DemoResult(output_dir=out, losses=losses, seconds=seconds, device=device, prompts=prompts,
                             answers=answers)
@@ -174,15 +202,49 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         shutil.rmtree(staging, ignore_errors=True)
 
     log(
-        f"demo: trained zoo '{settings.architecture}' with LoRA r={settings.lora_rank} for "
+        f"demo: trained {'' if settings.model else 'zoo '}'{name}' with LoRA r={settings.lora_rank} for "
         f"{settings.max_steps} steps on {device} in {result.seconds:.1f}s; "
         f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}; adapter saved to {out}"
     )
-    log(_answer_table(prompts, answers))
+    log(_answer_table(prompts, answers) if prompts else
+        "demo: the dataset has no 'messages' column, so there are no held-back prompts to answer")
     log(f"demo: wrote {out}/merged (16-bit), {out}/gguf ({', '.join(_GGUF_METHODS)} + Modelfile)"
         + (f", {out}/loss.png" if plotted else "; install unsloth-like[plots] for loss.png")
-        + ("" if "llama.cpp" in answers else "; install unsloth-like[gguf-check] to run the GGUF through llama.cpp"))
+        + ("" if "llama.cpp" in answers or not prompts
+           else "; install unsloth-like[gguf-check] to run the GGUF through llama.cpp"))
     return result
+
+
+def _training_data(settings: DemoSettings):
+    """The training set and the held-back prompts (user questions training never sees): the
+    built-in chats and prompts drawn apart from them, or the user's dataset, whose last rows are
+    held back when it has ``messages`` (a ``text``-only dataset trains on all rows, no prompts)."""
+    from datasets import Dataset
+
+    if settings.dataset is None:
+        conversations = demo_conversations(settings.n_conversations, seed=settings.seed)
+        return Dataset.from_dict({"messages": conversations}), _held_back_prompts(conversations, settings.seed)
+    rows = _load_dataset(Path(settings.dataset))
+    if "messages" in rows.column_names:
+        if len(rows) <= _HELD_BACK:
+            raise ValueError(f"Dataset {settings.dataset} has {len(rows)} rows; the demo holds {_HELD_BACK} back "
+                             "for its before/after answers and needs more to train on.")
+        held = rows.select(range(len(rows) - _HELD_BACK, len(rows)))
+        prompts = [next(turn["content"] for turn in chat if turn["role"] == "user") for chat in held["messages"]]
+        return rows.select(range(len(rows) - _HELD_BACK)), prompts
+    if "text" in rows.column_names:
+        return rows, []
+    raise ValueError(f"Dataset {settings.dataset} has columns {rows.column_names}; the demo trains on 'messages' "
+                     "(a list of {role, content} turns) or 'text'.")
+
+
+def _load_dataset(path: Path):
+    import datasets
+
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(_DATASET_FORMATS[path.suffix], data_files=str(path), split="train")
 
 
 def _held_back_prompts(conversations, seed: int) -> list[str]:
@@ -234,7 +296,7 @@ def _llama_cpp_answers(gguf_path: Path, merged_dir: Path, prompts: list[str]) ->
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=_MAX_LENGTH * 2, verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=2048, verbose=False, seed=0)
     try:
         return [llm.create_completion(_chat_ids(tokenizer, prompt), max_tokens=_ANSWER_TOKENS,
                                       temperature=0.0)["choices"][0]["text"].strip() for prompt in prompts]
