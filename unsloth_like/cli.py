@@ -90,6 +90,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    import sys
+
+    from .chat import ChatSettings, run_chat
+
+    settings = ChatSettings(source=Path(args.source), max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, system=args.system, load_in_4bit=args.load_in_4bit)
+    try:
+        run_chat(settings)
+    except (ValueError, ImportError) as error:  # a source we cannot load, a missing extra: the message says what to do
+        print(f"unsloth-like chat: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing.zoo import ZOO
 
@@ -148,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace existing output")
     export.add_argument("--no-modelfile", action="store_true", help="with --to gguf: do not write an Ollama Modelfile")
     export.set_defaults(run=_export)
+
+    chat = commands.add_parser(
+        "chat", help="talk to a model directory, an adapter directory or a GGUF file (multi-turn, streamed)",
+        description="Type a message and press Enter; /reset starts a new conversation, /exit (or Ctrl-D) quits. "
+                    "A GGUF file runs through llama.cpp (llama-cpp-python) with the chat template it carries.")
+    chat.add_argument("source", help="a model directory, an adapter directory (adapter_config.json) or a .gguf file")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    chat.add_argument("--system", help="a system message for every conversation")
+    chat.add_argument("--load-in-4bit", action="store_true", help="load a model directory with NF4 weights")
+    chat.set_defaults(run=_chat)
     return parser
 
 
