@@ -123,7 +123,7 @@ def test_demo_takes_a_model_folder_a_dataset_file_and_a_chat_template(zoo_cache,
 @pytest.mark.parametrize(("settings", "message"), [
     ({"chat_template": "no-such-template"}, "Unknown chat template 'no-such-template'; choose one of"),
     ({"dataset": "missing.jsonl"}, "does not exist; pass a json/jsonl/parquet file"),
-    ({"dataset": "chats.csv"}, "the demo reads .json, .jsonl, .parquet files"),
+    ({"dataset": "chats.csv"}, "training reads .json, .jsonl, .parquet files"),
 ])
 def test_demo_refuses_bad_real_use_settings_before_loading(settings, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -107,6 +107,42 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import sys
+
+    from .train_job import FIELDS, make_settings, read_config, run_training
+
+    try:
+        config = read_config(args.config) if args.config else {}
+        settings = make_settings(config, {name: getattr(args, name) for name in FIELDS})
+    except ValueError as error:  # refused before anything is loaded: the message says what to do
+        print(f"unsloth-like train: error: {error}", file=sys.stderr)
+        return 2
+    run_training(settings)
+    return 0
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per TrainSettings field (default None: the config file's value, else the field's default)."""
+    from .train_job import FIELDS, TrainSettings
+
+    defaults = TrainSettings()
+    for name, spec in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = f" (default {default})" if default not in ("", None) else ""
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{name}{shown}")
+        elif name == "target_modules":
+            parser.add_argument(flag, nargs="+", default=None, help="LoRA targets (default: every projection)")
+        elif name == "use_gradient_checkpointing":
+            parser.add_argument(flag, default=None, help='"unsloth" (default, offloaded), "true" or "false"',
+                                type=lambda v: {"true": True, "false": False}.get(v.lower(), v))
+        else:
+            kind = type(default) if default not in ("", None) else str
+            parser.add_argument(flag, type=kind, default=None, help=f"{name}{shown}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing.zoo import ZOO
 
@@ -128,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model directory or hub id, or a tiny zoo architecture: "
              + ", ".join(sorted(name for name, spec in ZOO.items() if not spec.is_vlm)) + " (default llama)",
     )
-    demo.add_argument("--dataset", help="a json/jsonl/parquet file or a saved datasets folder with 'messages' "
-                                        "(its last 3 rows are held back for the answers) or 'text'")
+    demo.add_argument("--dataset", help="a json/jsonl/parquet file, a saved datasets folder or a hub id, with "
+                                        "'messages' (its last 3 rows are held back for the answers) or 'text'")
     demo.add_argument("--chat-template", help="a chat template name (e.g. llama-3.1, chatml, qwen-2.5)")
     demo.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (meant for a GPU)")
     demo.add_argument("--learning-rate", type=float, help="default 3e-3 for a zoo model, 2e-4 otherwise")
@@ -165,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace existing output")
     export.add_argument("--no-modelfile", action="store_true", help="with --to gguf: do not write an Ollama Modelfile")
     export.set_defaults(run=_export)
+
+    train = commands.add_parser(
+        "train", help="LoRA/QLoRA finetuning through TRL's SFTTrainer, from flags or a YAML/JSON config; resumable",
+        description="from_pretrained -> get_chat_template -> get_peft_model -> SFTTrainer -> the adapter in "
+                    "<output-dir>/lora (checkpoints in <output-dir>/checkpoints; --resume continues from the "
+                    "newest). Flags override the config file.")
+    train.add_argument("--config", help="a .yaml/.yml/.json file of the settings below")
+    _add_train_flags(train)
+    train.set_defaults(run=_train)
 
     chat = commands.add_parser(
         "chat", help="talk to a model directory, an adapter directory or a GGUF file (multi-turn, streamed)",

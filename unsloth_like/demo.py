@@ -15,7 +15,7 @@ saw) before and after training, then the merged model's answers (plain transform
 ``q8_0`` GGUF's through llama.cpp, when llama-cpp-python is installed (``unsloth-like[gguf-check]``).
 
 The same job is real use with ``model`` (a model directory or hub id), ``dataset`` (a
-json/jsonl/parquet file or a saved ``datasets`` folder with ``messages`` or ``text``; with
+json/jsonl/parquet file, a saved ``datasets`` folder or a hub id, with ``messages`` or ``text``; with
 ``messages`` its last rows are the held-back prompts), ``chat_template`` and ``load_in_4bit``.
 """
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .data_files import check_dataset_source, load_training_dataset
 from .env import is_bfloat16_supported
 from .testing.corpus import demo_conversations
 from .models.loader import FastLanguageModel
@@ -42,7 +43,6 @@ _MAX_LENGTH = 128
 _ANSWER_TOKENS = 24
 _HELD_BACK = 3  # prompts, drawn with another seed than the training set's
 _GGUF_METHODS = ("q8_0", "q4_k_m")
-_DATASET_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> datasets builder
 
 
 @dataclass
@@ -96,12 +96,7 @@ def _check_settings(settings: DemoSettings) -> None:
             raise ValueError(f"Unknown chat template {settings.chat_template!r}; choose one of "
                              f"{', '.join(sorted(CHAT_TEMPLATES))}.")
     if settings.dataset is not None:
-        path = Path(settings.dataset)
-        if not path.exists():
-            raise ValueError(f"Dataset {path} does not exist; pass a json/jsonl/parquet file or a saved datasets folder.")
-        if path.is_file() and path.suffix not in _DATASET_FORMATS:
-            raise ValueError(f"Dataset {path} is a {path.suffix or 'suffix-less'} file; the demo reads "
-                             f"{', '.join(_DATASET_FORMATS)} files or a folder saved by datasets.")
+        check_dataset_source(settings.dataset)
     out = Path(settings.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"Output path {out} exists and is not a directory; choose another --output-dir.")
@@ -224,7 +219,7 @@ def _training_data(settings: DemoSettings):
     if settings.dataset is None:
         conversations = demo_conversations(settings.n_conversations, seed=settings.seed)
         return Dataset.from_dict({"messages": conversations}), _held_back_prompts(conversations, settings.seed)
-    rows = _load_dataset(Path(settings.dataset))
+    rows = load_training_dataset(settings.dataset)
     if "messages" in rows.column_names:
         if len(rows) <= _HELD_BACK:
             raise ValueError(f"Dataset {settings.dataset} has {len(rows)} rows; the demo holds {_HELD_BACK} back "
@@ -236,15 +231,6 @@ def _training_data(settings: DemoSettings):
         return rows, []
     raise ValueError(f"Dataset {settings.dataset} has columns {rows.column_names}; the demo trains on 'messages' "
                      "(a list of {role, content} turns) or 'text'.")
-
-
-def _load_dataset(path: Path):
-    import datasets
-
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(_DATASET_FORMATS[path.suffix], data_files=str(path), split="train")
 
 
 def _held_back_prompts(conversations, seed: int) -> list[str]:
