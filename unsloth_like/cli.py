@@ -143,6 +143,14 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=f"{name}{shown}")
 
 
+def _add_gguf_flags(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument("-q", "--quantization", action="append", metavar="METHOD",
+                        help=f"{when}q8_0 (default), f16, bf16, f32, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, "
+                             "q4_k_s/m, q5_k_s/m, q6_k; repeat for several files from one pass")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output")
+    parser.add_argument("--no-modelfile", action="store_true", help=f"{when}do not write an Ollama Modelfile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing.zoo import ZOO
 
@@ -181,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gguf.add_argument("checkpoint", help="directory with config.json, safetensors weights and the tokenizer")
     gguf.add_argument("output", help="a .gguf file (one method) or a directory (files named <checkpoint>.<METHOD>.gguf)")
-    gguf.add_argument("-q", "--quantization", action="append", metavar="METHOD",
-                      help="q8_0 (default), f16, bf16, f32, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, q4_k_s/m, "
-                           "q5_k_s/m, q6_k; repeat for several files from one pass")
-    gguf.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    gguf.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+    _add_gguf_flags(gguf, when="")
     gguf.set_defaults(run=_gguf)
 
     export = commands.add_parser(
@@ -196,10 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="an adapter directory (adapter_config.json); for --to gguf also a model directory")
     export.add_argument("output", help="the directory to write")
     export.add_argument("--to", choices=EXPORT_FORMATS, default="merged_16bit", help="what to write (default merged_16bit)")
-    export.add_argument("-q", "--quantization", action="append", metavar="METHOD",
-                        help="with --to gguf: q8_0 (default), f16, bf16, q4_k_m, ...; repeat for several files")
-    export.add_argument("--overwrite", action="store_true", help="replace existing output")
-    export.add_argument("--no-modelfile", action="store_true", help="with --to gguf: do not write an Ollama Modelfile")
+    _add_gguf_flags(export, when="with --to gguf: ")
     export.set_defaults(run=_export)
 
     train = commands.add_parser(
