@@ -53,6 +53,7 @@ EXPECTED_FILES = {
     "conversational": ["outputs/llama_lora/adapter_model.safetensors", "outputs/merged/model.safetensors",
                        "outputs/gguf/gguf.Q4_K_M.gguf", "outputs/gguf/Modelfile"],
     "ollama": ["lora_model/adapter_model.safetensors", "model/model.Q8_0.gguf", "model/Modelfile"],
+    "grpo": ["grpo_saved_lora/adapter_model.safetensors", "model/model.safetensors", "model/model.Q8_0.gguf"],
     "vision": ["qwen_lora/adapter_model.safetensors", "qwen_lora/processor_config.json",
                "unsloth_finetune/model.safetensors", "unsloth_finetune/preprocessor_config.json"],
 }

@@ -58,7 +58,7 @@ class DemoSettings:
     lora_rank: int = 16
     cache_dir: Path | None = None  # zoo cache; None = ~/.cache/unsloth_like/zoo
     model: str | None = None  # a model directory or hub id instead of the zoo model
-    dataset: str | None = None  # a json/jsonl/parquet file or a saved datasets folder instead of the built-in chats
+    dataset: str | None = None  # a json/jsonl/parquet file, a saved datasets folder or a hub id (not the built-in chats)
     chat_template: str | None = None  # a name from chat_templates.CHAT_TEMPLATES
     load_in_4bit: bool = False  # QLoRA (NF4 bases; bitsandbytes' CPU path is slow, meant for a GPU)
     max_seq_length: int = _MAX_LENGTH

@@ -257,11 +257,13 @@ def check_prompt_lengths(dataset, tokenizer, limit: int, name: str = "train_data
     too_long = [i for i, length in enumerate(lengths) if length > limit]
     if too_long:
         longest = max(too_long, key=lambda i: lengths[i])
+        # (apply_chat_template returns a dict on transformers 5: the ids are its "input_ids")
+        count = ("tokenizer(row['prompt'])['input_ids']" if isinstance(dataset["prompt"][longest], str) else
+                 "tokenizer.apply_chat_template(row['prompt'], add_generation_prompt=True, return_dict=True)['input_ids']")
         raise ValueError(
             f"{len(too_long)} of {len(lengths)} prompts in {name} are longer than max_prompt_length={limit} tokens "
             f"(longest: row {longest}, {lengths[longest]} tokens), and TRL no longer truncates prompts: filter them "
-            f"out first, e.g. {name}.filter(lambda row: len(tokenizer.apply_chat_template(row['prompt'], "
-            f"add_generation_prompt=True)) <= {limit}), or raise max_prompt_length.")
+            f"out first, e.g. {name}.filter(lambda row: len({count}) <= {limit}), or raise max_prompt_length.")
 
 
 def _prompt_length(prompt, tokenizer) -> int:
