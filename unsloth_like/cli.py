@@ -18,7 +18,6 @@ def _demo(args: argparse.Namespace) -> int:
     import sys
 
     from .demo import DemoSettings, run_demo
-
     from .testing.zoo import ZOO
 
     zoo = args.model in ZOO and not Path(args.model).exists()  # a zoo name, not a folder of that name
@@ -127,7 +126,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     from .train_job import FIELDS, TrainSettings
 
     defaults = TrainSettings()
-    for name, spec in FIELDS.items():
+    for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = f" (default {default})" if default not in ("", None) else ""
