@@ -121,7 +121,7 @@ def test_demo_takes_a_model_folder_a_dataset_file_and_a_chat_template(zoo_cache,
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"chat_template": "no-such-template"}, "Unknown chat template 'no-such-template'; choose one of"),
+    ({"chat_template": "no-such-template"}, "Unknown chat template 'no-such-template'. Did you mean"),
     ({"dataset": "missing.jsonl"}, "does not exist; pass a json/jsonl/parquet file"),
     ({"dataset": "chats.csv"}, "training reads .json, .jsonl, .parquet files"),
 ])

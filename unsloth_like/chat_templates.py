@@ -784,7 +784,7 @@ def chat_template_spec(name_or_tokenizer: Any) -> ChatTemplate:
     ``get_chat_template`` (also after ``save_pretrained``/``from_pretrained``), with the system
     message it was given."""
     if isinstance(name_or_tokenizer, str):
-        return _lookup(name_or_tokenizer)
+        return lookup_chat_template(name_or_tokenizer)
     template = getattr(name_or_tokenizer, "chat_template", None)
     header = _read_header(template)
     if header is None:
@@ -799,7 +799,9 @@ def chat_template_spec(name_or_tokenizer: Any) -> ChatTemplate:
     return replace(CHAT_TEMPLATES[header["name"]], default_system_message=header["system_message"])
 
 
-def _lookup(name: str) -> ChatTemplate:
+def lookup_chat_template(name: str) -> ChatTemplate:
+    """The template called ``name`` (any known alias, any case); one sentence naming the known ones
+    (and the closest) otherwise."""
     key = name.strip().lower()
     if key in _BY_NAME:
         return _BY_NAME[key]
@@ -852,7 +854,7 @@ def get_chat_template(
         spec = prompt_template_spec(chat_template, tokenizer.bos_token, tokenizer.eos_token)
         template = build_jinja(spec, system_message, mapping)
     elif isinstance(chat_template, str):
-        spec = _lookup(chat_template)
+        spec = lookup_chat_template(chat_template)
         template = build_jinja(spec, system_message, mapping)
     else:
         raise TypeError("chat_template must be a template name such as 'llama-3' or a "

@@ -90,11 +90,9 @@ def _check_settings(settings: DemoSettings) -> None:
     if settings.max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {settings.max_steps}.")
     if settings.chat_template is not None:
-        from .chat_templates import CHAT_TEMPLATES
+        from .chat_templates import lookup_chat_template
 
-        if settings.chat_template not in CHAT_TEMPLATES:
-            raise ValueError(f"Unknown chat template {settings.chat_template!r}; choose one of "
-                             f"{', '.join(sorted(CHAT_TEMPLATES))}.")
+        lookup_chat_template(settings.chat_template)  # an unknown name is refused here, before loading
     if settings.dataset is not None:
         check_dataset_source(settings.dataset)
     out = Path(settings.output_dir)

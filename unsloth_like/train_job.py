@@ -102,15 +102,14 @@ def _check_type(name: str, value, default) -> None:
 
 
 def check_settings(settings: TrainSettings) -> None:
-    from .chat_templates import CHAT_TEMPLATES
+    from .chat_templates import lookup_chat_template
     from .data_files import check_dataset_source
 
     if not settings.model or not settings.dataset:
         raise ValueError("Both model and dataset are required (--model, --dataset, or in the config file).")
     check_dataset_source(settings.dataset)
-    if settings.chat_template is not None and settings.chat_template not in CHAT_TEMPLATES:
-        raise ValueError(f"Unknown chat template {settings.chat_template!r}; choose one of "
-                         f"{', '.join(sorted(CHAT_TEMPLATES))}.")
+    if settings.chat_template is not None:
+        lookup_chat_template(settings.chat_template)  # an unknown name is refused here, before loading
     if settings.train_on_responses_only and settings.chat_template is None:
         raise ValueError("train_on_responses_only needs chat_template (it finds the turns by the template's markers).")
     if settings.max_steps == 0 or settings.max_steps < -1:

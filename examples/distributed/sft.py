@@ -37,6 +37,7 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     from unsloth_like import FastLanguageModel
+    from unsloth_like.data_files import load_training_dataset
 
     model, tokenizer = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.max_seq_length,
                                                          load_in_4bit=args.load_in_4bit)
@@ -45,7 +46,7 @@ def main() -> None:
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
-        train_dataset=_load_dataset(args.dataset),
+        train_dataset=load_training_dataset(args.dataset),
         args=SFTConfig(output_dir=str(Path(args.output) / "run"), per_device_train_batch_size=args.batch_size,
                        gradient_accumulation_steps=args.accumulation, max_steps=args.max_steps,
                        learning_rate=args.learning_rate, warmup_steps=min(5, args.max_steps // 10),
@@ -62,17 +63,6 @@ def main() -> None:
     if torch.distributed.is_initialized():  # shut the process group down together, before the interpreter does
         torch.distributed.barrier()  # (torch 2.9 with gloo can hang when one rank destroys it before the other)
         torch.distributed.destroy_process_group()
-
-
-def _load_dataset(source: str):
-    import datasets
-
-    path = Path(source)
-    if path.is_dir():
-        return datasets.load_from_disk(str(path))
-    if path.suffix in (".json", ".jsonl"):
-        return datasets.load_dataset("json", data_files=str(path), split="train")
-    return datasets.load_dataset(source, split="train")
 
 
 if __name__ == "__main__":
