@@ -71,6 +71,9 @@ def test_report_names_the_host_and_what_bitsandbytes_does_on_it():
     assert f"avx512           {'yes' if cpu.avx512 else 'no'} (torch CPU capability {cpu.torch_capability})" in report
     assert f"bnb 4-bit (CPU)  {bitsandbytes_cpu_probe().describe()}" in report
     assert bitsandbytes_cpu_probe().status in ("correct", "wrong")  # bitsandbytes is a dependency: it ran
+    from unsloth_like.save.gguf import native
+
+    assert f"gguf quantisers  {native.describe()}" in report
 
 
 def test_test_environment_has_a_torchvision_that_runs_beside_torch():

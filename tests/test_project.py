@@ -84,3 +84,19 @@ def test_floor_requirements_pin_the_named_extras_too():
     assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in pins.values())
     unknown = subprocess.run([sys.executable, script, "visoin"], capture_output=True, text=True)
     assert unknown.returncode != 0 and "unknown extra(s) ['visoin']" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_files_the_package_reads_besides_python(tmp_path):
+    """quants.c is compiled on the user's machine (save/gguf/native.py): a wheel without it would
+    leave every installed copy on the slow fallback."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    data_files = {str(p.relative_to(ROOT)) for p in (ROOT / "unsloth_like").rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert "unsloth_like/save/gguf/quants.c" in data_files
+    assert data_files <= names, f"missing from the wheel: {sorted(data_files - names)}"

@@ -89,6 +89,7 @@ class EnvInfo:
     backends: dict[str, dict[str, str]]
     cpu: CpuFacts | None = None
     bitsandbytes_cpu: DequantizeProbe | None = None
+    gguf_quantisers: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -139,6 +140,7 @@ def collect_env() -> EnvInfo:
         backends=backends,
         cpu=_cpu_facts_or_none(notes),
         bitsandbytes_cpu=probe,
+        gguf_quantisers=_gguf_quantisers(notes),
         notes=notes,
     )
 
@@ -148,6 +150,17 @@ def _cpu_facts_or_none(notes: list[str]) -> CpuFacts | None:
         return cpu_facts()
     except Exception as error:  # the report must come out whatever the host
         notes.append(f"CPU probe failed: {error}")
+        return None
+
+
+def _gguf_quantisers(notes: list[str]) -> str | None:
+    """Which quantisers a GGUF export runs on this CPU (builds the C ones on first use, ~1 s)."""
+    try:
+        from .save.gguf import native
+
+        return native.describe()
+    except Exception as error:  # the report must come out whatever the host
+        notes.append(f"GGUF quantiser probe failed: {error}")
         return None
 
 
@@ -181,6 +194,8 @@ def format_env(info: EnvInfo) -> str:
                      f"{info.cpu.torch_capability})")
     if info.bitsandbytes_cpu is not None:
         lines.append(f"  bnb 4-bit (CPU)  {info.bitsandbytes_cpu.describe()}")
+    if info.gguf_quantisers is not None:
+        lines.append(f"  gguf quantisers  {info.gguf_quantisers}")
     lines += ["", "device:"]
     build = f"CUDA {info.torch_cuda}" if info.torch_cuda else (f"ROCm {info.torch_hip}" if info.torch_hip else "CPU only")
     lines.append(f"  torch build      {build}")

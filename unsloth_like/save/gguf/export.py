@@ -7,7 +7,8 @@
 one pass over the merged weights) and an Ollama ``Modelfile`` for the first one. The LoRA is
 merged on the fly, tensor by tensor, exactly as ``save_pretrained_merged`` merges it (from the
 local 16-bit checkpoint when the model came from one); no merged copy is written to disk and
-nothing is compiled: the conversion and every quantiser run in this process.
+llama.cpp is not needed: the conversion and every quantiser run in this process (on a CPU, our C
+quantisers, compiled once on first use: ``native.py``).
 
 ``convert(hf_dir, out_path, quantization_method)`` does the same for a transformers checkpoint
 directory (e.g. the output of ``save_pretrained_merged``). ``out_path`` is a ``.gguf`` file

@@ -1,12 +1,14 @@
 """One tensor -> the bytes of one GGUF tensor of a given GGML type.
 
 * F32 / F16 / BF16: a cast (BF16 rounds to nearest even, like llama.cpp's converter);
-* Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: the ``gguf`` package's numpy quantisers, whose output is
-  byte-identical to llama.cpp's C reference code;
-* Q2_K ... Q6_K: our torch implementation (``kquants.py``) of llama.cpp's reference quantisers,
-  which runs where the tensor is (on the GPU when there is one).
+* Q2_K ... Q6_K on a GPU: our torch implementation (``kquants.py``) of llama.cpp's reference
+  quantisers, where the tensor is;
+* every quantised type on a CPU: our C quantisers (``quants.c``, built on first use by
+  ``native.py``), on all CPU threads; where they cannot be built (no C compiler), the torch
+  K-quants and the ``gguf`` package's numpy quantisers (legacy types), 3-5x slower.
 
-Everything is quantised from float32, as llama.cpp does, whatever the checkpoint's dtype.
+Every path writes the bytes llama.cpp writes (the tests compare them with each other and with
+llama.cpp). Everything is quantised from float32, as llama.cpp does, whatever the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from . import native
 from .kquants import K_QUANT_TYPES, quantize_k
 
 _NUMPY_QUANTISED = {T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
@@ -31,6 +34,9 @@ def tensor_bytes(tensor: torch.Tensor, qtype: T) -> np.ndarray:
         return _numpy(tensor.to(torch.float16))
     if qtype == T.BF16:
         return _numpy(tensor.to(torch.bfloat16).view(torch.uint8))
+    on_gpu_kernel = qtype.name in K_QUANT_TYPES and tensor.device.type != "cpu"  # the GPU is faster there
+    if qtype in native.TYPES and not on_gpu_kernel and native.available():
+        return native.quantize(tensor, qtype)
     if qtype.name in K_QUANT_TYPES:
         rows = tensor.reshape(-1, tensor.shape[-1])
         return _numpy(quantize_k(rows, qtype.name)).reshape(*tensor.shape[:-1], -1)
