@@ -1,4 +1,5 @@
-"""The training benchmark script runs end to end on tiny settings (the real run is by hand)."""
+"""The training-step benchmark (unsloth_like.bench.train_step, scripts/bench_train.py) runs end to end
+on tiny settings (the real run is by hand)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import pytest
 
 from unsloth_like.testing import zoo
 
-from .script_modules import SCRIPTS, forget_script, import_script
+from .script_modules import SCRIPTS
 
 SCRIPT = SCRIPTS / "bench_train.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    yield import_script("bench_train")
-    forget_script("bench_train")
+    from unsloth_like.bench import train_step
+
+    return train_step
 
 
 @pytest.mark.slow
@@ -77,8 +79,8 @@ def test_longest_sequence_doubles_until_out_of_memory(bench, monkeypatch):
         tried.append(spec["seq"])
         return None if spec["seq"] > 8192 else {"tokens_per_s": 1.0}
 
-    monkeypatch.setattr(bench, "_run_subprocess", fake)
-    assert bench._longest_sequence({"variant": "hf"}) == 8192
+    monkeypatch.setattr(bench, "run_subprocess", fake)
+    assert bench.longest_sequence({"variant": "hf"}) == 8192
     assert tried == [2048, 4096, 8192, 16384]
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -61,3 +65,41 @@ EXPECTED_FILES = {
 
 def test_every_notebook_says_what_it_leaves_behind():
     assert {path.stem for path in NOTEBOOKS} == set(EXPECTED_FILES)
+
+
+def _code_cells(path: Path) -> list[str]:
+    notebook = json.loads(path.read_text())
+    return ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+
+
+def test_every_notebook_starts_with_the_same_setup_cell():
+    """The first code cell installs unsloth_like where it is missing (Colab) and sets ON_COLAB; one
+    text for all, so that a fix reaches every notebook."""
+    setups = {path.stem: _code_cells(path)[0] for path in NOTEBOOKS}
+    assert len(set(setups.values())) == 1, setups
+    assert 'ON_COLAB = "google.colab" in sys.modules' in next(iter(setups.values()))
+
+
+def test_setup_cell_installs_only_where_unsloth_like_is_missing(monkeypatch):
+    import importlib.util
+    import subprocess
+
+    setup = _code_cells(NOTEBOOKS[0])[0]
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: calls.append((argv, kw)))
+    namespace: dict = {}
+    exec(setup, namespace)  # here unsloth_like is installed: nothing happens
+    assert calls == [] and namespace["ON_COLAB"] is False
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "unsloth_like" else real(name))
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))  # what Colab preloads
+    exec(setup, namespace := {})
+    assert namespace["ON_COLAB"] is True
+    assert calls == [([sys.executable, "-m", "pip", "install", "--quiet", "unsloth-like[vision]"], {"check": True})]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_on_colab_every_notebook_loads_a_hub_model(path):
+    """Offline the zoo stands in; the ON_COLAB branch names the model the notebook is about."""
+    loading = next(code for code in _code_cells(path) if "from_pretrained(" in code)
+    assert re.search(r'"unsloth/[\w.-]+" if ON_COLAB else str\(zoo_model_dir\("\w+"\)\)', loading), loading

@@ -9,6 +9,8 @@ import re
 
 import peft
 import pytest
+import torch
+import transformers
 import yaml
 
 from unsloth_like.cli import main as cli_main
@@ -45,6 +47,22 @@ def test_train_from_flags_writes_an_adapter_peft_loads(zoo_cache, chats, tmp_pat
     assert json.loads((out / "train_settings.json").read_text())["train_on_responses_only"] is True
 
 
+def test_export_after_training_writes_what_a_separate_export_would(zoo_cache, chats, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(zoo_model_dir("llama", zoo_cache)), "--dataset", str(chats), "--output-dir",
+            str(out), "--no-load-in-4bit", "--max-seq-length", "64", "--per-device-train-batch-size", "2",
+            "--gradient-accumulation-steps", "1", "--optim", "adamw_torch", "--max-steps", "1",
+            "--export", "merged_16bit", "gguf", "--quantization", "q4_k_m", "q8_0"]
+    with use_backend("torch"):
+        assert cli_main(argv) == 0
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out / "merged_16bit").state_dict()
+    base = transformers.AutoModelForCausalLM.from_pretrained(zoo_model_dir("llama", zoo_cache), dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(base, out / "lora").merge_and_unload().state_dict()
+    assert ours.keys() == reference.keys()
+    assert max((ours[k].float() - reference[k].float()).abs().max().item() for k in ours) <= 1e-6  # fp32 merge
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["Modelfile", "gguf.Q4_K_M.gguf", "gguf.Q8_0.gguf"]
+
+
 def test_a_config_file_with_flags_over_it_and_resume(zoo_cache, chats, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "train.yaml"
@@ -69,6 +87,11 @@ def test_a_config_file_with_flags_over_it_and_resume(zoo_cache, chats, tmp_path)
     ({"train_on_responses_only": True}, ["--model", "m", "--dataset", "hub/id"], "needs chat_template"),
     ({"resume": True}, ["--model", "m", "--dataset", "hub/id"], "holds no checkpoint; run without resume first"),
     ({}, ["--model", "m", "--dataset", "missing.jsonl"], "does not exist"),
+    ({}, ["--model", "m", "--dataset", "hub/id", "--export", "onnx"], "Unknown export format 'onnx'; export takes any of"),
+    ({"quantization": ["q4_k_m"]}, ["--model", "m", "--dataset", "hub/id"], "export must include gguf"),
+    ({}, ["--model", "m", "--dataset", "hub/id", "--export", "gguf", "--quantization", "q9_k"],
+     r"Unknown quantization_method 'q9_k'\. Did you mean"),
+    ({"export": "gguf"}, ["--model", "m", "--dataset", "hub/id"], "export must be a list of names, got 'gguf'"),
 ])
 def test_bad_settings_are_refused_before_loading(config, flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -43,6 +43,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import sys
+
+    from .bench import report
+
+    try:
+        shape = report.settings(args, report.device_type())
+    except ValueError as error:  # refused before any measurement
+        print(f"unsloth-like bench: error: {error}", file=sys.stderr)
+        return 2
+    report.run(args, shape)
+    return 0
+
+
 def _gguf(args: argparse.Namespace) -> int:
     import sys
 
@@ -123,17 +137,21 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """A flag per TrainSettings field (default None: the config file's value, else the field's default)."""
-    from .train_job import FIELDS, TrainSettings
+    from .train_job import EXPORT_FORMATS, FIELDS, LIST_FIELDS, TrainSettings
 
     defaults = TrainSettings()
+    list_help = {"target_modules": "LoRA targets (default: every projection)",
+                 "export": f"after training, save the model as any of {', '.join(EXPORT_FORMATS)} into "
+                           "<output-dir>/<format>",
+                 "quantization": "GGUF methods for --export gguf, e.g. q4_k_m q8_0 (default q8_0)"}
     for name in FIELDS:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = f" (default {default})" if default not in ("", None) else ""
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{name}{shown}")
-        elif name == "target_modules":
-            parser.add_argument(flag, nargs="+", default=None, help="LoRA targets (default: every projection)")
+        elif name in LIST_FIELDS:
+            parser.add_argument(flag, nargs="+", default=None, help=list_help[name])
         elif name == "use_gradient_checkpointing":
             parser.add_argument(flag, default=None, help='"unsloth" (default, offloaded), "true" or "false"',
                                 type=lambda v: {"true": True, "false": False}.get(v.lower(), v))
@@ -221,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message for every conversation")
     chat.add_argument("--load-in-4bit", action="store_true", help="load a model directory with NF4 weights")
     chat.set_defaults(run=_chat)
+
+    from .bench.report import add_arguments
+
+    bench = commands.add_parser(
+        "bench", help="benchmark plain HF + PEFT against ours (LoRA/QLoRA, several lengths): JSON, Markdown, PNG",
+        description="Each cell (mode x sequence length) runs every variant in a fresh process on the same seeded "
+                    "weights and batch, then writes report-<device>.json/.md/.png. CPU: the zoo Llama; GPU: "
+                    "Llama-3.1-8B's dimensions with random weights.")
+    add_arguments(bench)
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -4,8 +4,10 @@
 ``FastLanguageModel.get_peft_model`` -> TRL's ``SFTTrainer`` (optionally
 ``train_on_responses_only``) -> the adapter and tokenizer in ``<output_dir>/lora``. Checkpoints go
 to ``<output_dir>/checkpoints`` every ``save_steps``; ``resume: true`` continues from the newest one
-(optimizer, scheduler, data order and RNG included, as the Trainer restores them). Export the
-adapter afterwards with ``unsloth-like export``.
+(optimizer, scheduler, data order and RNG included, as the Trainer restores them). ``export``
+then saves the trained model as ``merged_16bit`` / ``merged_4bit`` (``<output_dir>/merged_16bit``, ...)
+and/or ``gguf`` (``<output_dir>/gguf``: one file per ``quantization`` method and an Ollama
+Modelfile), as ``unsloth-like export`` would from the adapter.
 
 Every setting is a field of ``TrainSettings``; a config file sets any of them, and flags given on
 the command line win over the file. Unknown keys and bad values are refused in one sentence before
@@ -49,9 +51,13 @@ class TrainSettings:
     save_total_limit: int = 2
     packing: bool = False
     resume: bool = False
+    export: list[str] | None = None  # after training: any of merged_16bit, merged_4bit, gguf
+    quantization: list[str] | None = None  # GGUF methods for export gguf (default q8_0)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
+LIST_FIELDS = ("target_modules", "export", "quantization")
+EXPORT_FORMATS = ("merged_16bit", "merged_4bit", "gguf")
 
 
 def read_config(path: str | Path) -> dict:
@@ -120,6 +126,24 @@ def check_settings(settings: TrainSettings) -> None:
     checkpoints = Path(settings.output_dir) / "checkpoints"
     if settings.resume and not any(checkpoints.glob("checkpoint-*")):
         raise ValueError(f"resume is set but {checkpoints} holds no checkpoint; run without resume first.")
+    _check_export(settings)
+
+
+def _check_export(settings: TrainSettings) -> None:
+    """Export settings are checked with the rest, so that a typo does not cost a training run."""
+    for name in LIST_FIELDS:
+        value = getattr(settings, name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{name} must be a list of names, got {value!r}.")
+    unknown = [name for name in settings.export or [] if name not in EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(f"Unknown export format {unknown[0]!r}; export takes any of {', '.join(EXPORT_FORMATS)}.")
+    if settings.quantization is not None:
+        if "gguf" not in (settings.export or []):
+            raise ValueError("quantization names GGUF methods, so export must include gguf.")
+        from .save.gguf.methods import resolve_methods
+
+        resolve_methods(settings.quantization)  # an unknown method is refused with the closest name
 
 
 def run_training(settings: TrainSettings, log=print):
@@ -163,7 +187,25 @@ def run_training(settings: TrainSettings, log=print):
     tokenizer.save_pretrained(str(out / "lora"))
     (out / "train_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    log(f"train: {trainer.state.global_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {out / 'lora'} "
-        f"(export it: unsloth-like export {out / 'lora'} <dir> --to merged_16bit|gguf)" if losses else
-        f"train: {trainer.state.global_step} steps; adapter in {out / 'lora'}")
+    log(f"train: {trainer.state.global_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter in {out / 'lora'}"
+        if losses else f"train: {trainer.state.global_step} steps; adapter in {out / 'lora'}")
+    for path in export_trained(model, tokenizer, settings):
+        log(f"train: exported {path}")
+    if not settings.export:
+        log(f"train: export it with unsloth-like export {out / 'lora'} <dir> --to merged_16bit|gguf, or --export")
     return trainer
+
+
+def export_trained(model, tokenizer, settings: TrainSettings) -> list[Path]:
+    """Each ``export`` format of the trained model into ``<output_dir>/<format>``; the written paths.
+    A rerun (e.g. after ``resume``) replaces the previous export."""
+    out = Path(settings.output_dir)
+    written: list[Path] = []
+    for name in settings.export or []:
+        if name == "gguf":
+            written += model.save_pretrained_gguf(str(out / "gguf"), tokenizer, overwrite=True,
+                                                  quantization_method=settings.quantization or ["q8_0"])
+        else:
+            written.append(Path(model.save_pretrained_merged(str(out / name), tokenizer, save_method=name,
+                                                             overwrite=True)))
+    return written

@@ -1,0 +1,258 @@
+"""``unsloth-like bench``: plain transformers + PEFT against ours, as a report with tables and plots.
+
+    unsloth-like bench                          # LoRA and QLoRA at 256/512/1024 tokens per row
+    unsloth-like bench --modes lora --seq 512 2048 --vocab 128256
+    unsloth-like bench --max-seq                # GPU: also the longest batch-1 context each variant fits
+    unsloth-like bench --quick                  # a one-minute smoke run of the whole pipeline
+
+Every cell (a mode and a sequence length) runs each variant in a fresh process on the same seeded
+weights and the same batch (``train_step``): a few warm-up steps, then timed optimizer steps, of
+which the median is reported; on a CPU each variant runs twice, interleaved with the others, and
+the faster run counts (``--repeats``).
+Variants: ``hf`` (the plain model with ``peft.get_peft_model``), ``unsloth_like``
+(``FastLanguageModel.get_peft_model`` on the patched model) and, on a GPU with liger-kernel
+installed, ``hf_liger``. Every cell has the same number of tokens per step (the batch shrinks as
+the rows grow), so throughput is comparable across the row. Ratios (ours / HF) come from the same
+run. The model: on a CPU the zoo Llama (random weights, 13.8M parameters); on a GPU Llama-3.1-8B's
+dimensions (random weights, no hub needed).
+
+Writes ``report-<device>.json`` (every measurement), ``report-<device>.md`` (the table) and
+``report-<device>.png`` (throughput and peak memory per cell; needs the ``plots`` extra) into
+``--out`` (default ``benchmarks``), each atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from ..testing.reports import write_report
+from . import train_step
+
+CPU_DEFAULTS = {"seq": [256, 512, 1024], "tokens_per_step": 2048, "warmup": 2, "steps": 7, "repeats": 2}
+GPU_DEFAULTS = {"seq": [1024, 4096], "tokens_per_step": 8192, "warmup": 3, "steps": 10, "repeats": 1}
+QUICK = {"seq": [64], "tokens_per_step": 128, "warmup": 1, "steps": 2, "repeats": 1}
+LABELS = {"hf": "HF + PEFT", "unsloth_like": "ours", "hf_liger": "HF + PEFT + Liger"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modes", nargs="+", choices=("lora", "qlora", "full"), default=["lora", "qlora"],
+                        help="what to train: LoRA, QLoRA (NF4 base), full finetuning (default: lora qlora)")
+    parser.add_argument("--seq", nargs="+", type=int, default=None,
+                        help="tokens per row, one cell each (default: 256 512 1024 on CPU, 1024 4096 on GPU)")
+    parser.add_argument("--tokens-per-step", type=int, default=None,
+                        help="tokens per optimizer step in every cell; batch = this / seq (default: 2048 CPU, 8192 GPU)")
+    parser.add_argument("--model", choices=train_step.TEXT_MODELS, default="llama",
+                        help="model family (CPU: the zoo's model; GPU: the family's real dimensions)")
+    parser.add_argument("--vocab", type=int, default=None, help="resize the embeddings to this many rows first")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="fresh-process runs per variant and cell, interleaved; the fastest is reported "
+                             "(default: 2 on CPU, 1 on GPU)")
+    parser.add_argument("--max-seq", action="store_true", help="GPU: the longest batch-1 context each variant fits")
+    parser.add_argument("--quick", action="store_true", help="tiny cells, to check the pipeline end to end")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="directory for the report files")
+
+
+def settings(args: argparse.Namespace, device: str) -> dict:
+    """The run's shape: the device defaults, ``--quick``, then explicit flags, in that order."""
+    chosen = dict(CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS)
+    if args.quick:
+        chosen.update(QUICK)
+    for key in ("seq", "tokens_per_step", "warmup", "steps", "repeats"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    too_long = [seq for seq in chosen["seq"] if seq > chosen["tokens_per_step"]]
+    if too_long:
+        raise ValueError(f"--seq {too_long[0]} is longer than --tokens-per-step {chosen['tokens_per_step']}: a step "
+                         f"holds at least one row; raise --tokens-per-step or shorten --seq.")
+    if min(chosen["seq"]) < 1 or chosen["steps"] < 1 or chosen["repeats"] < 1 or chosen["warmup"] < 0:
+        raise ValueError("--seq, --steps and --repeats must be at least 1 and --warmup at least 0.")
+    return chosen
+
+
+def variants(device: str) -> list[str]:
+    found = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    return ["hf", "unsloth_like", *(["hf_liger"] if found else [])]
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(args: argparse.Namespace, shape: dict) -> dict:
+    """Measure every cell of ``shape`` (``settings``) and write the report files; returns the report."""
+    device = device_type()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    cells = []
+    for mode in args.modes:
+        for seq in shape["seq"]:
+            batch = shape["tokens_per_step"] // seq
+            runs: dict[str, list[dict]] = {variant: [] for variant in variants(device)}
+            for _ in range(shape["repeats"]):  # interleaved, so a slow spell of the machine hits every variant
+                for variant in runs:
+                    spec = {"device": device, "variant": variant, "mode": mode, "model": args.model,
+                            "gradient_checkpointing": device == "cuda", "vocab": args.vocab, "batch": batch,
+                            "seq": seq, "warmup": shape["warmup"], "steps": shape["steps"]}
+                    row = train_step.run_subprocess(spec)
+                    runs[variant].append(row if row is not None else {**spec, "out_of_memory": True})
+                    print(_progress(mode, seq, batch, runs[variant][-1]), flush=True)
+            rows = [fastest(variant_runs) for variant_runs in runs.values()]
+            cells.append({"mode": mode, "seq": seq, "batch": batch, "rows": rows, **ratios(rows)})
+    report = {"benchmark": "train-report", "device": name, "date": datetime.date.today().isoformat(),
+              "versions": _versions(), "model": args.model, "vocab": cells[0]["rows"][0].get("vocab"), **shape,
+              "cells": cells}
+    if args.max_seq and device == "cuda":
+        report["longest_context_batch1"] = {
+            f"{mode}/{variant}": train_step.longest_sequence({"device": device, "variant": variant, "mode": mode,
+                                                              "model": args.model, "vocab": args.vocab,
+                                                              "gradient_checkpointing": True})
+            for mode in args.modes for variant in variants(device)}
+    write(report, args.out, "cpu" if device == "cpu" else name.split()[-1].lower())
+    return report
+
+
+def fastest(runs: list[dict]) -> dict:
+    """The run with the shortest median step (a shared machine's noise only ever adds time), with
+    every run's step time kept; out of memory if any run was."""
+    if any(run.get("out_of_memory") for run in runs):
+        return runs[0] if runs[0].get("out_of_memory") else next(run for run in runs if run.get("out_of_memory"))
+    best = min(runs, key=lambda run: run["s_per_step"])
+    return {**best, "s_per_step_of_each_run": [run["s_per_step"] for run in runs]}
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Ours / HF in one cell (when both fitted): throughput, peak memory, the first and last losses'
+    differences (the same weights and batch: they should agree to float rounding)."""
+    by = {row["variant"]: row for row in rows if not row.get("out_of_memory")}
+    if "hf" not in by or "unsloth_like" not in by:
+        return {}
+    hf, ours = by["hf"], by["unsloth_like"]
+    return {"tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
+            "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"],
+            "first_loss_difference": abs(ours["losses"][0] - hf["losses"][0]),
+            "last_loss_difference": abs(ours["losses"][-1] - hf["losses"][-1])}
+
+
+def write(report: dict, out: Path, slug: str) -> list[Path]:
+    """``report-<slug>.json``, ``.md`` and (with matplotlib) ``.png`` in ``out``; returns the paths."""
+    stem = out / f"report-{slug}"
+    json_path = stem.with_suffix(".json")
+    write_report(json_path, report)
+    md_path = stem.with_suffix(".md")
+    _write_atomically(md_path, markdown(report, png_name=f"{stem.name}.png").encode())
+    written = [json_path, md_path]
+    if importlib.util.find_spec("matplotlib") is None:
+        print("No plot: matplotlib is not installed (pip install 'unsloth-like[plots]').")
+    else:
+        png_path = stem.with_suffix(".png")
+        _write_atomically(png_path, plot(report))
+        written.append(png_path)
+    for path in written:
+        print(f"written to {path}")
+    return written
+
+
+def markdown(report: dict, png_name: str | None = None) -> str:
+    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
+    lines = [f"### Training step: HF + PEFT vs ours ({report['device']}, {report['date']})", "",
+             f"`unsloth-like bench`: model `{report['model']}` (vocabulary {report['vocab']}), "
+             f"{report['tokens_per_step']} tokens per step, {report['warmup']} warm-up + {report['steps']} timed "
+             f"steps (the median step of the fastest of {report['repeats']} runs), each variant in a fresh process on the same weights and batch; {versions}.", "",
+             "| mode | seq x batch | variant | tokens/s | s/step | peak MiB | ours / HF | loss diff (first, last) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell in report["cells"]:
+        for row in cell["rows"]:
+            label = LABELS.get(row["variant"], row["variant"])
+            shape = f"{cell['seq']} x {cell['batch']}"
+            if row.get("out_of_memory"):
+                lines.append(f"| {cell['mode']} | {shape} | {label} | out of memory | | | | |")
+                continue
+            ours = row["variant"] == "unsloth_like" and "tokens_per_s_ratio" in cell
+            versus = (f"tokens/s {cell['tokens_per_s_ratio']:.2f}x, memory {cell['peak_memory_ratio']:.2f}x"
+                      if ours else "")
+            loss = f"{cell['first_loss_difference']:.1e}, {cell['last_loss_difference']:.1e}" if ours else ""
+            lines.append(f"| {cell['mode']} | {shape} | {label} | {row['tokens_per_s']:.0f} | {row['s_per_step']:.3f} "
+                         f"| {row['peak_mib']:.0f} | {versus} | {loss} |")
+    if report.get("longest_context_batch1"):
+        lines += ["", "Longest batch-1 context that fits: " + ", ".join(
+            f"{key} {value if value else 'below the first size tried'}"
+            for key, value in report["longest_context_batch1"].items()) + "."]
+    if png_name:
+        lines += ["", f"![throughput and peak memory]({png_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict) -> bytes:
+    """Two panels of grouped bars, one group per cell: tokens/s and peak memory per variant."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, whatever the session's backend
+    import matplotlib.pyplot as plt
+
+    cells = report["cells"]
+    names = [f"{cell['mode']}\n{cell['seq']} x {cell['batch']}" for cell in cells]
+    order = [variant for variant in LABELS if any(row["variant"] == variant for cell in cells for row in cell["rows"])]
+    width = 0.8 / len(order)
+    figure, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cells) * 2), 4))
+    for axis, key, title in ((axes[0], "tokens_per_s", "tokens / s (higher is better)"),
+                             (axes[1], "peak_mib", "peak memory, MiB (lower is better)")):
+        for k, variant in enumerate(order):
+            values = [next((row.get(key, 0.0) for row in cell["rows"] if row["variant"] == variant), 0.0)
+                      for cell in cells]
+            axis.bar([i + (k - (len(order) - 1) / 2) * width for i in range(len(cells))], values, width,
+                     label=LABELS[variant])
+        axis.set_xticks(range(len(cells)), names)
+        axis.set_title(title)
+        axis.legend()
+    figure.suptitle(f"{report['device']}, {report['date']}: model {report['model']}, vocabulary {report['vocab']}")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
+def _progress(mode: str, seq: int, batch: int, row: dict) -> str:
+    head = f"{mode:<6} {seq:>6} x {batch:<3} {LABELS.get(row['variant'], row['variant']):<18}"
+    if row.get("out_of_memory"):
+        return head + " out of memory"
+    return (f"{head} {row['tokens_per_s']:9.0f} tok/s {row['s_per_step']:8.3f} s/step {row['peak_mib']:9.0f} MiB"
+            f"  loss {row['losses'][0]:.5f}")
+
+
+def _versions() -> dict:
+    from ..env import package_version
+
+    return {name: package_version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unsloth-like bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        shape = settings(args, device_type())
+    except ValueError as error:
+        parser.error(str(error))
+    run(args, shape)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
