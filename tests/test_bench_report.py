@@ -121,3 +121,14 @@ def test_quick_report_runs_end_to_end_on_cpu(tmp_path):
         assert cell["tokens_per_s_ratio"] > 0 and cell["peak_memory_ratio"] > 0
     table = (tmp_path / "report-cpu.md").read_text()
     assert table.count("| ours |") == 2 and "tokens/s" in table
+
+
+def test_readme_shows_the_committed_cpu_report():
+    """The README's table is the committed report's, row for row (regenerate both together)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    rows = [line for line in (root / "benchmarks" / "report-cpu.md").read_text().splitlines() if line.startswith("| ")]
+    readme = (root / "README.md").read_text()
+    assert rows and all(row in readme for row in rows)
+    assert json.loads((root / "benchmarks" / "report-cpu.json").read_text())["benchmark"] == "train-report"
