@@ -91,7 +91,8 @@ def test_a_config_file_with_flags_over_it_and_resume(zoo_cache, chats, tmp_path)
     ({"quantization": ["q4_k_m"]}, ["--model", "m", "--dataset", "hub/id"], "export must include gguf"),
     ({}, ["--model", "m", "--dataset", "hub/id", "--export", "gguf", "--quantization", "q9_k"],
      r"Unknown quantization_method 'q9_k'\. Did you mean"),
-    ({"export": "gguf"}, ["--model", "m", "--dataset", "hub/id"], "export must be a list of names, got 'gguf'"),
+    ({"export": 5}, ["--model", "m", "--dataset", "hub/id"], "export must be a list of names, got 5"),
+    ({"export": "onnx"}, ["--model", "m", "--dataset", "hub/id"], "Unknown export format 'onnx'"),  # one name: a list
 ])
 def test_bad_settings_are_refused_before_loading(config, flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -82,6 +82,9 @@ def read_config(path: str | Path) -> dict:
 def make_settings(config: dict, overrides: dict) -> TrainSettings:
     """Config values, then the flags given (``overrides``, None meaning not given), checked."""
     values = {**config, **{k: v for k, v in overrides.items() if v is not None}}
+    for name in ("export", "quantization"):  # `export: gguf` in a config file means [gguf]
+        if isinstance(values.get(name), str):
+            values[name] = [values[name]]
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"Unknown setting(s) {unknown}; the settings are: {', '.join(FIELDS)}.")
@@ -131,7 +134,7 @@ def check_settings(settings: TrainSettings) -> None:
 
 def _check_export(settings: TrainSettings) -> None:
     """Export settings are checked with the rest, so that a typo does not cost a training run."""
-    for name in LIST_FIELDS:
+    for name in ("export", "quantization"):
         value = getattr(settings, name)
         if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ValueError(f"{name} must be a list of names, got {value!r}.")

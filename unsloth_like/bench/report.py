@@ -106,7 +106,9 @@ def run(args: argparse.Namespace, shape: dict) -> dict:
             rows = [fastest(variant_runs) for variant_runs in runs.values()]
             cells.append({"mode": mode, "seq": seq, "batch": batch, "rows": rows, **ratios(rows)})
     report = {"benchmark": "train-report", "device": name, "date": datetime.date.today().isoformat(),
-              "versions": _versions(), "model": args.model, "vocab": cells[0]["rows"][0].get("vocab"), **shape,
+              "versions": _versions(), "model": args.model,
+              "vocab": next((row["vocab"] for cell in cells for row in cell["rows"] if "vocab" in row), args.vocab),
+              **shape,
               "cells": cells}
     if args.max_seq and device == "cuda":
         report["longest_context_batch1"] = {
@@ -121,8 +123,9 @@ def run(args: argparse.Namespace, shape: dict) -> dict:
 def fastest(runs: list[dict]) -> dict:
     """The run with the shortest median step (a shared machine's noise only ever adds time), with
     every run's step time kept; out of memory if any run was."""
-    if any(run.get("out_of_memory") for run in runs):
-        return runs[0] if runs[0].get("out_of_memory") else next(run for run in runs if run.get("out_of_memory"))
+    out_of_memory = [run for run in runs if run.get("out_of_memory")]
+    if out_of_memory:
+        return out_of_memory[0]
     best = min(runs, key=lambda run: run["s_per_step"])
     return {**best, "s_per_step_of_each_run": [run["s_per_step"] for run in runs]}
 

@@ -256,12 +256,8 @@ static float qkx2(int n, int nmax, const float *x, const float *w, uint8_t *L, f
 
 /* Symmetric scale for x ~ scale*(L - nmax), weighted by x^2 (kquants.py's _make_qx_quants). */
 static float qx(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; i++) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
+    const float max = signed_absmax(x, n);
+    if (fabsf(max) < GROUP_MAX_EPS) {  /* all (nearly) zero */
         memset(L, 0, (size_t)n);
         return 0.f;
     }
@@ -300,12 +296,8 @@ static float qx(int n, int nmax, const float *x, int8_t *L) {
 /* Q3_K's search: round against the max, then up to five passes moving one value at a time
  * (kquants.py's _make_q3_quants). */
 static float q3(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; i++) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
-    if (amax < GROUP_MAX_EPS) {
+    const float max = signed_absmax(x, n);
+    if (fabsf(max) < GROUP_MAX_EPS) {  /* all (nearly) zero */
         memset(L, 0, (size_t)n);
         return 0.f;
     }
