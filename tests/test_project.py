@@ -90,8 +90,20 @@ def test_floor_requirements_pin_the_named_extras_too():
 def test_the_wheel_carries_the_files_the_package_reads_besides_python(tmp_path):
     """quants.c is compiled on the user's machine (save/gguf/native.py): a wheel without it would
     leave every installed copy on the slow fallback."""
+    import importlib.metadata
     import zipfile
 
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]:
+        need = Requirement(line)  # built without isolation (no download): this environment's tools must do
+        if need.name == "wheel":  # setuptools >= 70.1 builds wheels itself
+            continue
+        try:
+            have = importlib.metadata.version(need.name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"{need.name} is not installed here, so the wheel cannot be built offline")
+        if not need.specifier.contains(have):
+            pytest.skip(f"{need.name} {have} here does not satisfy the build requirement {line}")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("*.whl")
