@@ -17,8 +17,8 @@ memory-mapped checkpoint pages) and CUDA peak memory:
   bf16 values below F16's normal range lose bits there, so llama.cpp would quantise other
   numbers than we do.)
 
-``ours-python`` is the same export with the C quantisers switched off: the torch K-quants and the
-``gguf`` package's numpy code that a machine without a C compiler falls back to
+``ours-python`` (CPU only) is the same export with the C quantisers switched off: the torch
+K-quants and the ``gguf`` package's numpy code that a machine without a C compiler falls back to
 (``python_identical``: its file equals the C one byte for byte).
 
 What a process pays once rather than per export is timed apart as ``setup_seconds``: the lazy
@@ -192,11 +192,14 @@ def main() -> None:
         rows = []
         for method in args.methods:
             ours = best_of(args.repeats, "ours", root / "hf", root / f"ours-{method}.gguf", method)
-            python = run_child("ours-python", root / "hf", root / f"python-{method}.gguf", method)
-            row = {"method": method, "ours": ours, "ours_python": python, "llama.cpp": None, "identical": None,
-                   "python_identical": identical(root / f"ours-{method}.gguf", root / f"python-{method}.gguf")}
-            line = (f"{method:8s} ours {ours['seconds']:7.1f} s  {ours['peak_rss_increase_mib']:8.0f} MiB"
-                    f" | without C {python['seconds']:7.1f} s")
+            row = {"method": method, "ours": ours, "ours_python": None, "python_identical": None, "llama.cpp": None,
+                   "identical": None}
+            line = f"{method:8s} ours {ours['seconds']:7.1f} s  {ours['peak_rss_increase_mib']:8.0f} MiB"
+            if not torch.cuda.is_available():  # on a GPU the K-quants run there on both paths: nothing to learn
+                python = run_child("ours-python", root / "hf", root / f"python-{method}.gguf", method)
+                row.update({"ours_python": python, "python_identical": identical(root / f"ours-{method}.gguf",
+                                                                                 root / f"python-{method}.gguf")})
+                line += f" | without C {python['seconds']:7.1f} s"
             if compare:
                 theirs = best_of(args.repeats, "llama.cpp", bf16, root / f"llamacpp-{method}.gguf", method)
                 same = identical(root / f"ours-{method}.gguf", root / f"llamacpp-{method}.gguf")

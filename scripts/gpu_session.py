@@ -116,7 +116,8 @@ def plan(out: Path, slug: str) -> list[Step]:
         # not slow: the suite's slow test compiles every kernel for five GPU architectures (CI does it)
         Step("kernel-suite", [*pytest, "-x", "-m", "not slow", "tests/kernels"], 240, 60),
         Step("gguf-8b", [PYTHON, "scripts/bench_gguf.py", "--preset", "llama-3.1-8b", "--methods", "q4_k_m",
-                         "--workdir", "/tmp", "--out", str(out / f"gguf-export-{slug}.json")], 420, 240,
+                         "--workdir", "/tmp", "--repeats", "1", "--out", str(out / f"gguf-export-{slug}.json")],
+             420, 240,
              [f"gguf-export-{slug}.json"]),
         # The device tool brings back 8 files: this last, longest step prints its numbers to
         # session.log ("max seq N" per variant) and keeps its JSON on the machine.

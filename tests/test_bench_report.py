@@ -47,7 +47,7 @@ def test_settings_layer_defaults_quick_and_flags():
 
 
 def test_settings_refuse_rows_longer_than_a_step_in_one_sentence():
-    with pytest.raises(ValueError, match=r"--seq 4096 is longer than --tokens-per-step 2048: .*raise --tokens-per-step"):
+    with pytest.raises(ValueError, match=r"--seq 4096 is longer than --tokens-per-step 2048: .*raise --tokens-per"):
         report.settings(_args("--seq", "256", "4096"), "cpu")
     with pytest.raises(ValueError, match="at least 1"):
         report.settings(_args("--steps", "0"), "cpu")

@@ -87,7 +87,7 @@ def test_a_config_file_with_flags_over_it_and_resume(zoo_cache, chats, tmp_path)
     ({"train_on_responses_only": True}, ["--model", "m", "--dataset", "hub/id"], "needs chat_template"),
     ({"resume": True}, ["--model", "m", "--dataset", "hub/id"], "holds no checkpoint; run without resume first"),
     ({}, ["--model", "m", "--dataset", "missing.jsonl"], "does not exist"),
-    ({}, ["--model", "m", "--dataset", "hub/id", "--export", "onnx"], "Unknown export format 'onnx'; export takes any of"),
+    ({}, ["--model", "m", "--dataset", "hub/id", "--export", "onnx"], "Unknown export format 'onnx'; export takes"),
     ({"quantization": ["q4_k_m"]}, ["--model", "m", "--dataset", "hub/id"], "export must include gguf"),
     ({}, ["--model", "m", "--dataset", "hub/id", "--export", "gguf", "--quantization", "q9_k"],
      r"Unknown quantization_method 'q9_k'\. Did you mean"),

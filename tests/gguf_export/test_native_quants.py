@@ -23,7 +23,8 @@ from unsloth_like.testing import llamacpp
 
 from .test_kquants import CASES, _case, needs_llamacpp
 
-needs_compiler = pytest.mark.skipif(not native.available(), reason="no C compiler here: the C quantisers cannot be built")
+needs_compiler = pytest.mark.skipif(not native.available(),
+                                    reason="no C compiler here: the C quantisers cannot be built")
 TYPE_NAMES = sorted(t.name for t in native.TYPES)
 
 

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", nargs="+", type=int, default=None,
                         help="tokens per row, one cell each (default: 256 512 1024 on CPU, 1024 4096 on GPU)")
     parser.add_argument("--tokens-per-step", type=int, default=None,
-                        help="tokens per optimizer step in every cell; batch = this / seq (default: 2048 CPU, 8192 GPU)")
+                        help="tokens per optimizer step in every cell; batch = this / seq "
+                             "(default: 2048 CPU, 8192 GPU)")
     parser.add_argument("--model", choices=train_step.TEXT_MODELS, default="llama",
                         help="model family (CPU: the zoo's model; GPU: the family's real dimensions)")
     parser.add_argument("--vocab", type=int, default=None, help="resize the embeddings to this many rows first")
@@ -167,7 +168,8 @@ def markdown(report: dict, png_name: str | None = None) -> str:
     lines = [f"### Training step: HF + PEFT vs ours ({report['device']}, {report['date']})", "",
              f"`unsloth-like bench`: model `{report['model']}` (vocabulary {report['vocab']}), "
              f"{report['tokens_per_step']} tokens per step, {report['warmup']} warm-up + {report['steps']} timed "
-             f"steps (the median step of the fastest of {report['repeats']} runs), each variant in a fresh process on the same weights and batch; {versions}.", "",
+             f"steps (the median step of the fastest of {report['repeats']} runs), each variant in a fresh "
+             f"process on the same weights and batch; {versions}.", "",
              "| mode | seq x batch | variant | tokens/s | s/step | peak MiB | ours / HF | loss diff (first, last) |",
              "|---|---|---|---|---|---|---|---|"]
     for cell in report["cells"]:
