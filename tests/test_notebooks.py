@@ -88,6 +88,7 @@ def test_setup_cell_installs_only_where_unsloth_like_is_missing(monkeypatch):
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda argv, **kw: calls.append((argv, kw)))
     namespace: dict = {}
+    # The cell's own text, unchanged, as the notebook kernel runs it (nothing is rewritten).
     exec(setup, namespace)  # here unsloth_like is installed: nothing happens
     assert calls == [] and namespace["ON_COLAB"] is False
     real = importlib.util.find_spec

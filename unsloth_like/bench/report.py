@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..testing.reports import write_report
+from ..testing.reports import write_atomically, write_report
 from . import train_step
 
 CPU_DEFAULTS = {"seq": [256, 512, 1024], "tokens_per_step": 2048, "warmup": 2, "steps": 7, "repeats": 2}
@@ -150,13 +150,13 @@ def write(report: dict, out: Path, slug: str) -> list[Path]:
     json_path = stem.with_suffix(".json")
     write_report(json_path, report)
     md_path = stem.with_suffix(".md")
-    _write_atomically(md_path, markdown(report, png_name=f"{stem.name}.png").encode())
+    write_atomically(md_path, markdown(report, png_name=f"{stem.name}.png").encode())
     written = [json_path, md_path]
     if importlib.util.find_spec("matplotlib") is None:
         print("No plot: matplotlib is not installed (pip install 'unsloth-like[plots]').")
     else:
         png_path = stem.with_suffix(".png")
-        _write_atomically(png_path, plot(report))
+        write_atomically(png_path, plot(report))
         written.append(png_path)
     for path in written:
         print(f"written to {path}")
@@ -224,13 +224,6 @@ def plot(report: dict) -> bytes:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    partial.replace(path)
 
 
 def _progress(mode: str, seq: int, batch: int, row: dict) -> str:

@@ -8,7 +8,12 @@ from pathlib import Path
 
 def write_report(out: Path, report: dict) -> None:
     """``report`` as indented JSON at ``out``, through a temporary file renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    write_atomically(out, json.dumps(report, indent=1).encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, written to a hidden partial file first and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)

@@ -254,6 +254,21 @@ static float qkx2(int n, int nmax, const float *x, const float *w, uint8_t *L, f
     return scale;
 }
 
+/* The first rounding of Q3_K's and Q6_K's searches: each value against the inverse scale, L in
+ * [-nmax, nmax), with the x^2-weighted sums sum(w*x*l) and sum(w*l*l) that judge a scale. */
+static void round_weighted(int n, int nmax, const float *x, float iscale, int8_t *L, float *sumlx, float *suml2) {
+    float slx = 0, sl2 = 0;
+    for (int i = 0; i < n; i++) {
+        int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
+        L[i] = (int8_t)l;
+        float w = x[i] * x[i];
+        slx += w * x[i] * l;
+        sl2 += w * l * l;
+    }
+    *sumlx = slx;
+    *suml2 = sl2;
+}
+
 /* Symmetric scale for x ~ scale*(L - nmax), weighted by x^2 (kquants.py's _make_qx_quants). */
 static float qx(int n, int nmax, const float *x, int8_t *L) {
     const float max = signed_absmax(x, n);
@@ -262,14 +277,9 @@ static float qx(int n, int nmax, const float *x, int8_t *L) {
         return 0.f;
     }
     float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-        L[i] = (int8_t)(l + nmax);
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
+    float sumlx, suml2;
+    round_weighted(n, nmax, x, iscale, L, &sumlx, &suml2);
+    for (int i = 0; i < n; i++) L[i] = (int8_t)(L[i] + nmax);
     float scale = suml2 ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
     for (int is = -9; is <= 9; is++) {
@@ -301,15 +311,8 @@ static float q3(int n, int nmax, const float *x, int8_t *L) {
         memset(L, 0, (size_t)n);
         return 0.f;
     }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = imax(-nmax, imin(nmax - 1, nearest_int(iscale * x[i])));
-        L[i] = (int8_t)l;
-        float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
+    float sumlx, suml2;
+    round_weighted(n, nmax, x, -nmax / max, L, &sumlx, &suml2);
     for (int round = 0; round < 5; round++) {
         int changed = 0;
         for (int i = 0; i < n; i++) {
