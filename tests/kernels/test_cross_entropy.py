@@ -282,6 +282,61 @@ def test_fused_matches_unfused(options, dtype, backend):
     _assert_fused_matches(fused, unfused, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["one-scale", "per-row-scales"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(softcap=20.0), dict(logit_scale=0.5, label_smoothing=0.1),
+     dict(softcap=3.0, logit_scale=2.0, label_smoothing=0.2)],
+    ids=["plain", "softcap", "scale-smooth", "all"],
+)
+def test_torch_backend_rows_match_the_oracle(options, per_row, dtype, monkeypatch):
+    # The CPU path's hand-written loss and gradient (one in-place softmax, walked in blocks of
+    # rows) against autograd through the float64 reference, with blocks of 3 rows over 11 rows (the
+    # last block short), ignored rows inside a block, and logits large enough to saturate a softcap.
+    monkeypatch.setattr(ce_module, "TORCH_BLOCK_BYTES", 3 * 1537 * 4)
+    logits = _logits(11, 1537, dtype, seed=4, scale=8.0).cpu()
+    labels = _labels(11, 1537, seed=4, n_ignored=3).cpu()
+    g = torch.Generator().manual_seed(5)
+    scale = torch.rand(11, generator=g) + 0.5 if per_row else torch.tensor([0.3])
+    opts = (-100, options.get("softcap"), options.get("logit_scale"), options.get("label_smoothing", 0.0))
+    z64 = logits.double().requires_grad_(True)
+    loss64 = ce_module._reference_rows(z64, labels, *opts)
+    (grad64,) = torch.autograd.grad(loss64, z64, scale.double() if per_row else scale.double().expand(11))
+    buffer = logits.clone()
+    loss, grad = ce_module._rows_torch(buffer, labels, *opts, scale, per_row, True)
+    assert grad is buffer and grad.dtype == dtype and loss.dtype == torch.float32
+    assert_close_dtype(loss, loss64.float())
+    assert_close_normwise(grad, grad64.to(dtype), dtype)
+    assert (grad[labels == -100] == 0).all() and (loss[labels == -100] == 0).all()
+    # Without a gradient the losses are the same and nothing else is asked of the buffer.
+    loss_only, none = ce_module._rows_torch(logits.clone(), labels, *opts, scale, per_row, False)
+    assert none is None and torch.equal(loss_only, loss)
+
+
+def test_torch_backend_chunks_are_big_enough_for_cpu_matmuls():
+    # On CPU the lm_head matmuls dominate a step at real vocabularies and run well below their peak
+    # on a few rows: the default chunk never goes below TORCH_MIN_CHUNK_ROWS (an explicit budget
+    # still rules), and the TORCH backend asks for that floor.
+    floor = ce_module.TORCH_MIN_CHUNK_ROWS
+    assert ce_module.logits_chunk_rows(4096, 262144, hidden_bytes=4096 * 576 * 4, min_rows=floor) == floor
+    assert ce_module.logits_chunk_rows(100, 262144, hidden_bytes=100 * 576 * 4, min_rows=floor) == 100
+    assert ce_module.logits_chunk_rows(4096, 262144, 4096 * 576 * 4, chunk_bytes=262144 * 4, min_rows=floor) == 1
+    chunk_rows = []
+    real = ce_module._fused_chunks
+
+    def spy(*args):
+        chunk_rows.append(args[-1])
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch, use_backend("torch"):
+        patch.setattr(ce_module, "_fused_chunks", spy)
+        # 600 x 70000 fp32 logits: the default budget (16 MiB) alone would allow 59 rows a chunk.
+        hidden, weight, _, labels = _linear_inputs(600, 8, 70000, torch.float32, seed=6, bias=False)
+        fused_linear_cross_entropy(hidden.requires_grad_(True), weight, labels).backward()
+    assert chunk_rows == [floor]
+
+
 @pytest.mark.parametrize("grad_h, grad_w", [(True, False), (False, True)], ids=["frozen-weight", "frozen-hidden"])
 def test_fused_with_frozen_inputs(grad_h, grad_w, monkeypatch):
     hidden, weight, _, labels = _linear_inputs(20, 32, 999, torch.bfloat16, seed=2, bias=False)

@@ -54,13 +54,30 @@ from unsloth_like.testing.reports import write_report
 VARIANTS = ("hf", "unsloth_like", "hf_liger")
 
 
-def _build_model(device: str, quantized: bool = False, name: str = "llama"):
+# ``--size small`` (CPU, Llama): the zoo Llama at SmolLM2-135M's width with 4 of its 30 layers, so
+# that the decoder's share of a step is a small real model's, not a test model's (hidden 200).
+SMALL_LLAMA = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+               "head_dim": 64, "num_hidden_layers": 4}
+
+
+def _cpu_zoo_spec(name: str, size: str):
+    import dataclasses
+
+    from unsloth_like.testing.zoo import get_spec
+
+    spec = get_spec(name)
+    if size == "small":
+        spec = dataclasses.replace(spec, config={**spec.config, **SMALL_LLAMA})
+    return spec
+
+
+def _build_model(device: str, quantized: bool = False, name: str = "llama", size: str = "zoo"):
     import transformers
 
     from unsloth_like.testing.zoo import load_zoo_model
 
     if device == "cpu":
-        model, _ = load_zoo_model(name, load_in_4bit=quantized)
+        model, _ = load_zoo_model(_cpu_zoo_spec(name, size), load_in_4bit=quantized)
         return model
     if name == "qwen2_vl":
         return _build_qwen2_vl_7b(quantized)
@@ -201,7 +218,8 @@ def run_variant(spec: dict) -> dict:
         routing = correct_bitsandbytes_baselines()  # for the process: it ends with the variant
         spec = {**spec, "bitsandbytes_cpu": routing.describe()}
     # Both variants seed 0 right before creating adapters: identical initial adapters.
-    model = _build_model(device, quantized=spec["mode"] == "qlora", name=spec.get("model", "llama"))
+    model = _build_model(device, quantized=spec["mode"] == "qlora", name=spec.get("model", "llama"),
+                         size=spec.get("size", "zoo"))
     if spec.get("vocab"):
         torch.manual_seed(0)  # the same new rows in every variant
         model.resize_token_embeddings(spec["vocab"], mean_resizing=False)
@@ -303,6 +321,8 @@ def main() -> None:
                         help="phi3, gemma3_text: other text families; qwen2_vl: a vision-language model with an "
                              "image in every row")
     parser.add_argument("--vocab", type=int, default=None, help="resize the embeddings to this many rows first")
+    parser.add_argument("--size", choices=("zoo", "small"), default="zoo",
+                        help="CPU, llama: small = SmolLM2-135M's width, 4 layers (default: the zoo's test model)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default: 256 on CPU, 2048 on GPU)")
     parser.add_argument("--batch", type=int, default=None, help="rows per step (default: 8 on CPU, 2 on GPU)")
     parser.add_argument("--max-seq", action="store_true", help="GPU: also find the longest batch-1 sequence that fits")
@@ -323,6 +343,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     slug = "cpu" if device == "cpu" else name.split()[-1].lower()
     kind = args.mode if args.model == "llama" else f"{args.mode}-{args.model}"
+    kind += "-small" if args.size == "small" else ""
     kind += f"-vocab{args.vocab}" if args.vocab else ""
     kind += f"-seq{args.seq}" if args.seq else ""
     out = Path(args.out or Path("benchmarks") / f"train-{kind}-{slug}.json")
@@ -331,7 +352,7 @@ def main() -> None:
     rows = []
     for variant in args.variants:
         spec = {"device": device, "variant": variant, "mode": args.mode, "model": args.model,
-                "gradient_checkpointing": device == "cuda", "vocab": args.vocab}
+                "gradient_checkpointing": device == "cuda", "vocab": args.vocab, "size": args.size}
         row = run_subprocess({**spec, **shape})
         if row is None:
             raise SystemExit(f"variant {variant} ran out of memory at batch {shape['batch']} x {shape['seq']}.")

@@ -72,6 +72,15 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 CHUNK_BUDGET_FACTOR = 4
 CHUNK_BUDGET_MIN = 16 * 2**20
 CHUNK_BUDGET_MAX = 1 * 2**30
+# On the TORCH backend (CPU) a chunk has at least this many rows: below ~128 rows a CPU matmul of a
+# (rows, H) by (H, V) runs well below its peak (measured: 206 GFLOP/s at 32 rows, 309 at 128, 320 at
+# 256 on a 2-core AVX512 Xeon, H 576, V 128256), and the lm_head matmuls are most of a step at real
+# vocabularies. 256 rows of fp32 logits are 128 MiB at V = 128256, still far below the N x V of
+# unfused logits.
+TORCH_MIN_CHUNK_ROWS = 256
+# The TORCH backend's cross-entropy walks a chunk in blocks of rows of about this many bytes, so each
+# of its passes over a block runs in a core's L2 cache.
+TORCH_BLOCK_BYTES = 2 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,21 +282,69 @@ def _rows_triton(logits2d, labels1d, ignore_index, softcap, logit_scale, label_s
 
 def _rows_torch(logits2d, labels1d, ignore_index, softcap, logit_scale, label_smoothing,
                 grad_scale, per_row_scale, compute_grad):
-    """The same as ``_rows_triton`` from the torch reference (gradient by autograd on the chunk)."""
-    if not compute_grad:
-        with torch.no_grad():
-            return _reference_rows(logits2d, labels1d, ignore_index, softcap, logit_scale, label_smoothing), None
-    with torch.enable_grad():
-        z = logits2d.detach().requires_grad_(True)
-        loss = _reference_rows(z, labels1d, ignore_index, softcap, logit_scale, label_smoothing)
-        weights = grad_scale if per_row_scale else grad_scale.expand(loss.shape[0])
-        (dz,) = torch.autograd.grad(loss, z, weights)
-    return loss.detach(), dz
+    """The same as ``_rows_triton`` in torch, for the TORCH backend (CPU), without autograd.
+
+    Overwrites ``logits2d`` (a chunk the caller owns) with its gradient. The softmax is taken once
+    and in place, ``TORCH_BLOCK_BYTES`` of rows at a time so that its passes (max, exp, sum, scale)
+    run in cache: log_softmax and its autograd backward would take the exponential twice and make
+    three more (rows, V) buffers (log-probabilities, the gathered gradient's zeros, the gradient).
+    """
+    n_rows, vocab = logits2d.shape
+    # fp32 logits are worked on in place; half logits get one fp32 copy per chunk, and the
+    # gradient is written back into their own buffer at the end.
+    z = logits2d if logits2d.dtype == torch.float32 else logits2d.float()
+    keep = labels1d != ignore_index
+    safe = torch.where(keep, labels1d, torch.zeros_like(labels1d)).long().unsqueeze(1)
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    if compute_grad:
+        weights = (grad_scale if per_row_scale else grad_scale.expand(n_rows)).to(torch.float32)
+        weights = torch.where(keep, weights, torch.zeros_like(weights)).unsqueeze(1)
+    block = max(1, TORCH_BLOCK_BYTES // (vocab * 4))
+    for start in range(0, n_rows, block):
+        end = min(n_rows, start + block)
+        loss[start:end] = _block_loss_and_grad(z[start:end], safe[start:end], keep[start:end], softcap, logit_scale,
+                                               label_smoothing, weights[start:end] if compute_grad else None)
+    if compute_grad and z is not logits2d:
+        logits2d.copy_(z)
+    return loss, (logits2d if compute_grad else None)
+
+
+def _block_loss_and_grad(z, labels, keep, softcap, logit_scale, label_smoothing, weights):
+    """Losses of the rows of ``z`` (fp32, overwritten); with ``weights`` (rows, 1: dloss/drow, 0 for
+    ignored rows) ``z`` ends up holding their gradient with respect to the raw logits."""
+    if logit_scale is not None:
+        z.mul_(logit_scale)
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(z / softcap)
+        torch.mul(tanh, softcap, out=z)
+    label_logit = z.gather(1, labels).squeeze(1)
+    mean_logit = z.mean(1) if label_smoothing else None
+    row_max = z.amax(1, keepdim=True)
+    z.sub_(row_max).exp_()
+    total = z.sum(1, keepdim=True)
+    lse = (row_max + total.log()).squeeze(1)
+    loss = lse - label_logit
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - mean_logit)
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    if weights is None:
+        return loss
+    # d loss / d z = softmax - (1 - eps) onehot(label) - eps / V, times the row's weight.
+    z.mul_(weights / total)
+    if label_smoothing:
+        z.sub_(weights * (label_smoothing / z.shape[1]))
+    z.scatter_add_(1, labels, -(1.0 - label_smoothing) * weights)
+    if tanh is not None:  # z = c tanh(u / c): dz/du = 1 - tanh^2
+        z.mul_(1.0 - tanh * tanh)
+    if logit_scale is not None:
+        z.mul_(logit_scale)
+    return loss
 
 
 def _ce_rows(backend, logits2d, labels1d, ignore_index, softcap, logit_scale, label_smoothing,
              grad_scale, per_row_scale, compute_grad, grad_into_logits=False):
-    if backend is Backend.TORCH:
+    if backend is Backend.TORCH:  # always overwrites the chunk: only ever called on chunks we own
         return _rows_torch(logits2d, labels1d, ignore_index, softcap, logit_scale, label_smoothing,
                            grad_scale, per_row_scale, compute_grad)
     return _rows_triton(logits2d, labels1d, ignore_index, softcap, logit_scale, label_smoothing,
@@ -386,15 +443,18 @@ def fused_linear_cross_entropy_reference(
                       reduction, _n_items_tensor(n_items, hidden.device))
 
 
-def logits_chunk_rows(n_rows: int, vocab: int, hidden_bytes: int, chunk_bytes: int | None = None) -> int:
+def logits_chunk_rows(n_rows: int, vocab: int, hidden_bytes: int, chunk_bytes: int | None = None,
+                      min_rows: int = 1) -> int:
     """Token rows per chunk so one chunk's fp32 logits (rows * vocab * 4 bytes) fit the budget.
 
     The budget is ``chunk_bytes`` when given, else ``CHUNK_BUDGET_FACTOR`` x hidden's bytes clamped
-    to [``CHUNK_BUDGET_MIN``, ``CHUNK_BUDGET_MAX``] (see their comment). At least one row.
+    to [``CHUNK_BUDGET_MIN``, ``CHUNK_BUDGET_MAX``] (see their comment), and then at least
+    ``min_rows`` rows (``TORCH_MIN_CHUNK_ROWS`` on CPU). At least one row, at most ``n_rows``.
     """
-    budget = chunk_bytes if chunk_bytes is not None else min(max(CHUNK_BUDGET_FACTOR * hidden_bytes,
-                                                                 CHUNK_BUDGET_MIN), CHUNK_BUDGET_MAX)
-    return max(1, min(n_rows, budget // (vocab * 4)))
+    if chunk_bytes is not None:
+        return max(1, min(n_rows, chunk_bytes // (vocab * 4)))
+    budget = min(max(CHUNK_BUDGET_FACTOR * hidden_bytes, CHUNK_BUDGET_MIN), CHUNK_BUDGET_MAX)
+    return max(1, min(n_rows, max(budget // (vocab * 4), min_rows)))
 
 
 def _fused_chunks(backend, h2, weight, bias, labels1d, opts, grad_scale, per_row_scale, need_h, need_w, need_b,
@@ -435,7 +495,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1).contiguous()
         chunk_rows = logits_chunk_rows(h2.shape[0], weight.shape[0], hidden.numel() * hidden.element_size(),
-                                       chunk_bytes)
+                                       chunk_bytes, TORCH_MIN_CHUNK_ROWS if backend is Backend.TORCH else 1)
         opts = (ignore_index, softcap, logit_scale, label_smoothing)
         ctx.hidden_shape, ctx.reduction, ctx.backend, ctx.chunk_rows, ctx.opts = (
             hidden.shape, reduction, backend, chunk_rows, opts)

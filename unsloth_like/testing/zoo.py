@@ -477,7 +477,7 @@ def _generation_config(spec: ZooSpec, tokenizer) -> "transformers.GenerationConf
 
 
 def load_zoo_model(
-    name: str,
+    name: str | ZooSpec,
     *,
     dtype: torch.dtype = torch.float32,
     load_in_4bit: bool = False,
@@ -489,14 +489,15 @@ def load_zoo_model(
     (this works on CPU with bitsandbytes >= 0.50); ``lm_head`` stays in full precision and a VLM
     keeps what ``FastVisionModel`` keeps (``models.vision.keep_unquantized_modules``: its
     projectors; Gemma 3 its whole vision tower) unquantised, as Unsloth does. For a VLM the second value is still the tokenizer; its
-    processor is ``AutoProcessor.from_pretrained(zoo_model_dir(name))``. Note that on CPU a 4-bit
+    processor is ``AutoProcessor.from_pretrained(zoo_model_dir(name))``. ``name`` may also be a
+    ``ZooSpec`` (as for ``zoo_model_dir``). Note that on CPU a 4-bit
     model must not run in eval mode before training: bitsandbytes repacks CPU weights on the first
     no-grad forward, after which training breaks.
     """
     import transformers
 
-    spec = get_spec(name)
-    directory = zoo_model_dir(name, cache_dir)
+    spec = name if isinstance(name, ZooSpec) else get_spec(name)
+    directory = zoo_model_dir(spec, cache_dir)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if load_in_4bit:
         skip = ["lm_head"]
