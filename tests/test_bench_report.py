@@ -53,6 +53,14 @@ def test_settings_refuse_rows_longer_than_a_step_in_one_sentence():
         report.settings(_args("--steps", "0"), "cpu")
     with pytest.raises(ValueError, match="at least 1"):
         report.settings(_args("--repeats", "0"), "cpu")
+    with pytest.raises(ValueError, match="--size small is the CPU Llama's"):
+        report.settings(_args("--size", "small"), "cuda")
+    with pytest.raises(ValueError, match="--size small is the CPU Llama's"):
+        report.settings(_args("--size", "small", "--model", "phi3"), "cpu")
+    with pytest.raises(ValueError, match="--vocab 1 is too small"):
+        report.settings(_args("--vocab", "32000", "1"), "cpu")
+    with pytest.raises(ValueError, match="--name 'a/b' must be letters"):
+        report.settings(_args("--name", "a/b"), "cpu")
 
 
 def test_fastest_run_counts_and_every_run_is_kept():
@@ -68,6 +76,7 @@ def test_ratios_are_ours_over_hf_and_need_both():
     rows = [_row("hf", 1000.0, 900.0, [10.5, 10.4]), _row("unsloth_like", 1250.0, 300.0, [10.5, 10.3])]
     got = report.ratios(rows)
     assert got["tokens_per_s_ratio"] == pytest.approx(1.25) and got["peak_memory_ratio"] == pytest.approx(1 / 3)
+    assert got["step_time_ratio"] == pytest.approx(0.8)
     assert got["first_loss_difference"] == 0.0 and got["last_loss_difference"] == pytest.approx(0.1)
     assert report.ratios([{"variant": "hf", "out_of_memory": True}, rows[1]]) == {}
 
@@ -77,10 +86,24 @@ def test_markdown_table_has_every_row_ratio_and_the_plot():
     assert "### Training step: HF + PEFT vs ours (CPU (2 cores), 2026-12-06)" in text
     assert "torch 2.14.1, transformers 5.24.0" in text
     assert "| lora | 256 x 8 | HF + PEFT | 1000 | 2.048 | 900 |  |  |" in text
-    assert "| lora | 256 x 8 | ours | 1250 | 1.638 | 300 | tokens/s 1.25x, memory 0.33x | 4.0e-07, 2.0e-07 |" in text
+    assert "| lora | 256 x 8 | ours | 1250 | 1.638 | 300 | time 0.80x, memory 0.33x | 4.0e-07, 2.0e-07 |" in text
     assert "| lora | 4096 x 1 | HF + PEFT | out of memory |" in text
     assert "| lora | 4096 x 1 | ours | 900 | 2.276 | 500 |  |  |" in text  # no ratio without a baseline
     assert text.rstrip().endswith("![throughput and peak memory](report-cpu.png)")
+
+
+def test_several_vocabularies_get_a_column_of_their_own():
+    several = _report()
+    for cell, vocab in zip(several["cells"], (32000, 262144, 262144)):
+        cell["vocab"] = vocab
+    several.update(vocab=[32000, 262144], size="small")
+    text = report.markdown(several)
+    assert "model `llama` at SmolLM2-135M's width (4 layers) (vocabulary per row)" in text
+    assert "| mode | vocab | seq x batch | variant |" in text
+    assert "| lora | 32000 | 256 x 8 | ours | 1250 | 1.638 | 300 | time 0.80x, memory 0.33x |" in text
+    assert "| lora | 262144 | 4096 x 1 | HF + PEFT | out of memory |" in text
+    if report.importlib.util.find_spec("matplotlib") is not None:
+        assert report.plot(several)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_write_puts_json_markdown_and_png_in_place(tmp_path):
@@ -111,16 +134,19 @@ def test_cli_refuses_bad_settings_before_measuring(tmp_path):
 def test_quick_report_runs_end_to_end_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU runs the torch paths, as users do
     done = subprocess.run([sys.executable, "-m", "unsloth_like", "bench", "--quick", "--modes", "lora", "qlora",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)
+                           "--vocab", "700", "1500", "--size", "small", "--name", "vocab", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "report-cpu.json").read_text())
-    assert [(c["mode"], c["seq"], c["batch"]) for c in result["cells"]] == [("lora", 64, 2), ("qlora", 64, 2)]
+    result = json.loads((tmp_path / "report-cpu-vocab.json").read_text())
+    assert [(c["mode"], c["vocab"], c["seq"], c["batch"]) for c in result["cells"]] == [
+        ("lora", 700, 64, 2), ("lora", 1500, 64, 2), ("qlora", 700, 64, 2), ("qlora", 1500, 64, 2)]
+    assert result["vocab"] == [700, 1500] and result["size"] == "small"
     for cell in result["cells"]:
         assert [row["variant"] for row in cell["rows"]] == ["hf", "unsloth_like"]
         assert cell["first_loss_difference"] < 1e-4  # same weights, same batch: the same first loss
         assert cell["tokens_per_s_ratio"] > 0 and cell["peak_memory_ratio"] > 0
-    table = (tmp_path / "report-cpu.md").read_text()
-    assert table.count("| ours |") == 2 and "tokens/s" in table
+    table = (tmp_path / "report-cpu-vocab.md").read_text()
+    assert table.count("| ours |") == 4 and "| mode | vocab |" in table
 
 
 def test_readme_shows_the_committed_cpu_report():

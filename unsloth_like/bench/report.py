@@ -2,10 +2,11 @@
 
     unsloth-like bench                          # LoRA and QLoRA at 256/512/1024 tokens per row
     unsloth-like bench --modes lora --seq 512 2048 --vocab 128256
+    unsloth-like bench --size small --vocab 32000 128256 151936 262144 --seq 512 2048 --name vocab
     unsloth-like bench --max-seq                # GPU: also the longest batch-1 context each variant fits
     unsloth-like bench --quick                  # a one-minute smoke run of the whole pipeline
 
-Every cell (a mode and a sequence length) runs each variant in a fresh process on the same seeded
+Every cell (a mode, a vocabulary when ``--vocab`` names several, and a sequence length) runs each variant in a fresh process on the same seeded
 weights and the same batch (``train_step``): a few warm-up steps, then timed optimizer steps, of
 which the median is reported; on a CPU each variant runs twice, interleaved with the others, and
 the faster run counts (``--repeats``).
@@ -13,12 +14,13 @@ Variants: ``hf`` (the plain model with ``peft.get_peft_model``), ``unsloth_like`
 (``FastLanguageModel.get_peft_model`` on the patched model) and, on a GPU with liger-kernel
 installed, ``hf_liger``. Every cell has the same number of tokens per step (the batch shrinks as
 the rows grow), so throughput is comparable across the row. Ratios (ours / HF) come from the same
-run. The model: on a CPU the zoo Llama (random weights, 13.8M parameters); on a GPU Llama-3.1-8B's
-dimensions (random weights, no hub needed).
+run. The model: on a CPU the zoo Llama (random weights, 13.8M parameters; ``--size small``: at
+SmolLM2-135M's width, 4 layers); on a GPU Llama-3.1-8B's dimensions (random weights, no hub needed).
+``--vocab`` resizes the embeddings (and the untied lm_head) to each vocabulary named.
 
 Writes ``report-<device>.json`` (every measurement), ``report-<device>.md`` (the table) and
 ``report-<device>.png`` (throughput and peak memory per cell; needs the ``plots`` extra) into
-``--out`` (default ``benchmarks``), each atomically.
+``--out`` (default ``benchmarks``), each atomically; ``--name N`` makes them ``report-<device>-N.*``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import datetime
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -50,7 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 2048 CPU, 8192 GPU)")
     parser.add_argument("--model", choices=train_step.TEXT_MODELS, default="llama",
                         help="model family (CPU: the zoo's model; GPU: the family's real dimensions)")
-    parser.add_argument("--vocab", type=int, default=None, help="resize the embeddings to this many rows first")
+    parser.add_argument("--vocab", nargs="+", type=int, default=None,
+                        help="resize the embeddings to this many rows first; several: one cell each")
+    parser.add_argument("--size", choices=("zoo", "small"), default="zoo",
+                        help="CPU, llama: small = SmolLM2-135M's width, 4 layers (default: the zoo's test model)")
+    parser.add_argument("--name", default=None, help="suffix of the report files: report-<device>-NAME.*")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
     parser.add_argument("--repeats", type=int, default=None,
@@ -75,6 +82,13 @@ def settings(args: argparse.Namespace, device: str) -> dict:
                          f"holds at least one row; raise --tokens-per-step or shorten --seq.")
     if min(chosen["seq"]) < 1 or chosen["steps"] < 1 or chosen["repeats"] < 1 or chosen["warmup"] < 0:
         raise ValueError("--seq, --steps and --repeats must be at least 1 and --warmup at least 0.")
+    if args.size == "small" and (device != "cpu" or args.model != "llama"):
+        raise ValueError("--size small is the CPU Llama's (on a GPU the model already has a real model's dimensions); "
+                         "drop --size or use --model llama on a CPU.")
+    if args.vocab and min(args.vocab) < 2:
+        raise ValueError(f"--vocab {min(args.vocab)} is too small: a vocabulary has at least 2 tokens.")
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        raise ValueError(f"--name {args.name!r} must be letters, digits, '.', '_' or '-' (it names files).")
     return chosen
 
 
@@ -93,22 +107,13 @@ def run(args: argparse.Namespace, shape: dict) -> dict:
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     cells = []
     for mode in args.modes:
-        for seq in shape["seq"]:
-            batch = shape["tokens_per_step"] // seq
-            runs: dict[str, list[dict]] = {variant: [] for variant in variants(device)}
-            for _ in range(shape["repeats"]):  # interleaved, so a slow spell of the machine hits every variant
-                for variant in runs:
-                    spec = {"device": device, "variant": variant, "mode": mode, "model": args.model,
-                            "gradient_checkpointing": device == "cuda", "vocab": args.vocab, "batch": batch,
-                            "seq": seq, "warmup": shape["warmup"], "steps": shape["steps"]}
-                    row = train_step.run_subprocess(spec)
-                    runs[variant].append(row if row is not None else {**spec, "out_of_memory": True})
-                    print(_progress(mode, seq, batch, runs[variant][-1]), flush=True)
-            rows = [fastest(variant_runs) for variant_runs in runs.values()]
-            cells.append({"mode": mode, "seq": seq, "batch": batch, "rows": rows, **ratios(rows)})
+        for vocab in args.vocab or [None]:
+            for seq in shape["seq"]:
+                cells.append(_cell(device, args, shape, mode, vocab, seq))
+    vocabularies = sorted({cell["vocab"] for cell in cells if cell["vocab"] is not None})
     report = {"benchmark": "train-report", "device": name, "date": datetime.date.today().isoformat(),
-              "versions": _versions(), "model": args.model,
-              "vocab": next((row["vocab"] for cell in cells for row in cell["rows"] if "vocab" in row), args.vocab),
+              "versions": _versions(), "model": args.model, "size": args.size,
+              "vocab": vocabularies if len(vocabularies) > 1 else next(iter(vocabularies), None),
               **shape,
               "cells": cells}
     if args.max_seq and device == "cuda":
@@ -117,8 +122,26 @@ def run(args: argparse.Namespace, shape: dict) -> dict:
                                                               "model": args.model, "vocab": args.vocab,
                                                               "gradient_checkpointing": True})
             for mode in args.modes for variant in variants(device)}
-    write(report, args.out, "cpu" if device == "cpu" else name.split()[-1].lower())
+    slug = "cpu" if device == "cpu" else name.split()[-1].lower()
+    write(report, args.out, slug if args.name is None else f"{slug}-{args.name}")
     return report
+
+
+def _cell(device: str, args: argparse.Namespace, shape: dict, mode: str, vocab: int | None, seq: int) -> dict:
+    """One cell: every variant ``shape["repeats"]`` times in fresh processes, the fastest counting."""
+    batch = shape["tokens_per_step"] // seq
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants(device)}
+    for _ in range(shape["repeats"]):  # interleaved, so a slow spell of the machine hits every variant
+        for variant in runs:
+            spec = {"device": device, "variant": variant, "mode": mode, "model": args.model, "size": args.size,
+                    "gradient_checkpointing": device == "cuda", "vocab": vocab, "batch": batch,
+                    "seq": seq, "warmup": shape["warmup"], "steps": shape["steps"]}
+            row = train_step.run_subprocess(spec)
+            runs[variant].append(row if row is not None else {**spec, "out_of_memory": True})
+            print(_progress(mode, seq, batch, runs[variant][-1]), flush=True)
+    rows = [fastest(variant_runs) for variant_runs in runs.values()]
+    measured = next((row["vocab"] for row in rows if "vocab" in row and not row.get("out_of_memory")), vocab)
+    return {"mode": mode, "vocab": measured, "seq": seq, "batch": batch, "rows": rows, **ratios(rows)}
 
 
 def fastest(runs: list[dict]) -> dict:
@@ -139,6 +162,7 @@ def ratios(rows: list[dict]) -> dict:
         return {}
     hf, ours = by["hf"], by["unsloth_like"]
     return {"tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
+            "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
             "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"],
             "first_loss_difference": abs(ours["losses"][0] - hf["losses"][0]),
             "last_loss_difference": abs(ours["losses"][-1] - hf["losses"][-1])}
@@ -165,25 +189,29 @@ def write(report: dict, out: Path, slug: str) -> list[Path]:
 
 def markdown(report: dict, png_name: str | None = None) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
+    by_vocab = isinstance(report["vocab"], list)  # several vocabularies: a column of its own
+    model = f"`{report['model']}`" + (" at SmolLM2-135M's width (4 layers)" if report.get("size") == "small" else "")
+    vocabulary = "vocabulary per row" if by_vocab else f"vocabulary {report['vocab']}"
     lines = [f"### Training step: HF + PEFT vs ours ({report['device']}, {report['date']})", "",
-             f"`unsloth-like bench`: model `{report['model']}` (vocabulary {report['vocab']}), "
+             f"`unsloth-like bench`: model {model} ({vocabulary}), "
              f"{report['tokens_per_step']} tokens per step, {report['warmup']} warm-up + {report['steps']} timed "
              f"steps (the median step of the fastest of {report['repeats']} runs), each variant in a fresh "
              f"process on the same weights and batch; {versions}.", "",
-             "| mode | seq x batch | variant | tokens/s | s/step | peak MiB | ours / HF | loss diff (first, last) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode |" + (" vocab |" if by_vocab else "") + " seq x batch | variant | tokens/s | s/step | peak MiB "
+             "| ours / HF | loss diff (first, last) |",
+             "|---|" + ("---|" if by_vocab else "") + "---|---|---|---|---|---|---|"]
     for cell in report["cells"]:
+        head = f"| {cell['mode']} |" + (f" {cell['vocab']} |" if by_vocab else "") + f" {cell['seq']} x {cell['batch']} |"
         for row in cell["rows"]:
             label = LABELS.get(row["variant"], row["variant"])
-            shape = f"{cell['seq']} x {cell['batch']}"
             if row.get("out_of_memory"):
-                lines.append(f"| {cell['mode']} | {shape} | {label} | out of memory | | | | |")
+                lines.append(f"{head} {label} | out of memory | | | | |")
                 continue
             ours = row["variant"] == "unsloth_like" and "tokens_per_s_ratio" in cell
-            versus = (f"tokens/s {cell['tokens_per_s_ratio']:.2f}x, memory {cell['peak_memory_ratio']:.2f}x"
+            versus = (f"time {1 / cell['tokens_per_s_ratio']:.2f}x, memory {cell['peak_memory_ratio']:.2f}x"
                       if ours else "")
             loss = f"{cell['first_loss_difference']:.1e}, {cell['last_loss_difference']:.1e}" if ours else ""
-            lines.append(f"| {cell['mode']} | {shape} | {label} | {row['tokens_per_s']:.0f} | {row['s_per_step']:.3f} "
+            lines.append(f"{head} {label} | {row['tokens_per_s']:.0f} | {row['s_per_step']:.3f} "
                          f"| {row['peak_mib']:.0f} | {versus} | {loss} |")
     if report.get("longest_context_batch1"):
         lines += ["", "Longest batch-1 context that fits: " + ", ".join(
@@ -204,10 +232,15 @@ def plot(report: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     cells = report["cells"]
-    names = [f"{cell['mode']}\n{cell['seq']} x {cell['batch']}" for cell in cells]
+    by_vocab = isinstance(report["vocab"], list)
+    names = [f"{cell['mode']}\n" + (f"V {cell['vocab']}\n" if by_vocab else "") + f"{cell['seq']} x {cell['batch']}"
+             for cell in cells]
     order = [variant for variant in LABELS if any(row["variant"] == variant for cell in cells for row in cell["rows"])]
     width = 0.8 / len(order)
-    figure, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cells) * 2), 4))
+    if len(cells) > 6:  # many cells: the panels one above the other, so the figure stays readable
+        figure, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(cells)), 8))
+    else:
+        figure, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cells) * 2), 4))
     for axis, key, title in ((axes[0], "tokens_per_s", "tokens / s (higher is better)"),
                              (axes[1], "peak_mib", "peak memory, MiB (lower is better)")):
         for k, variant in enumerate(order):
@@ -218,7 +251,8 @@ def plot(report: dict) -> bytes:
         axis.set_xticks(range(len(cells)), names)
         axis.set_title(title)
         axis.legend()
-    figure.suptitle(f"{report['device']}, {report['date']}: model {report['model']}, vocabulary {report['vocab']}")
+    vocabulary = "vocabularies " + ", ".join(map(str, report["vocab"])) if by_vocab else f"vocabulary {report['vocab']}"
+    figure.suptitle(f"{report['device']}, {report['date']}: model {report['model']}, {vocabulary}")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)

@@ -347,6 +347,9 @@ def main() -> None:
     kind += f"-vocab{args.vocab}" if args.vocab else ""
     kind += f"-seq{args.seq}" if args.seq else ""
     out = Path(args.out or Path("benchmarks") / f"train-{kind}-{slug}.json")
+    if args.size == "small" and (device != "cpu" or args.model != "llama"):
+        raise SystemExit("--size small is the CPU Llama's (on a GPU the model already has a real model's dimensions); "
+                         "drop --size or use --model llama on a CPU.")
     if "hf_liger" in args.variants and (device != "cuda" or importlib.util.find_spec("liger_kernel") is None):
         raise SystemExit("--variants hf_liger needs a CUDA device and liger-kernel (pip install liger-kernel).")
     rows = []
