@@ -316,9 +316,13 @@ def test_torch_backend_rows_match_the_oracle(options, per_row, dtype, monkeypatc
 
 def test_torch_backend_chunks_are_big_enough_for_cpu_matmuls():
     # On CPU the lm_head matmuls dominate a step at real vocabularies and run well below their peak
-    # on a few rows: the default chunk never goes below TORCH_MIN_CHUNK_ROWS (an explicit budget
-    # still rules), and the TORCH backend asks for that floor.
+    # on a few rows: the TORCH backend's chunks have at least TORCH_MIN_CHUNK_ROWS rows and a quarter
+    # of the tokens, that share capped at CHUNK_BUDGET_MAX of logits; an explicit budget still rules.
     floor = ce_module.TORCH_MIN_CHUNK_ROWS
+    assert ce_module.torch_min_chunk_rows(600, 262144) == floor
+    assert ce_module.torch_min_chunk_rows(2048, 262144) == 512  # a quarter of the tokens
+    assert ce_module.torch_min_chunk_rows(10**6, 262144) * 262144 * 4 == ce_module.CHUNK_BUDGET_MAX
+    assert ce_module.torch_min_chunk_rows(10**6, 10**8) == floor  # the floor wins over the cap
     assert ce_module.logits_chunk_rows(4096, 262144, hidden_bytes=4096 * 576 * 4, min_rows=floor) == floor
     assert ce_module.logits_chunk_rows(100, 262144, hidden_bytes=100 * 576 * 4, min_rows=floor) == 100
     assert ce_module.logits_chunk_rows(4096, 262144, 4096 * 576 * 4, chunk_bytes=262144 * 4, min_rows=floor) == 1

@@ -209,14 +209,16 @@ def _add_adapters(model, spec: dict):
     return model
 
 
-def run_variant(spec: dict) -> dict:
-    """One variant in this (fresh) process."""
+def prepare_step(spec: dict):
+    """``(step, vocab)`` for one variant in this (fresh) process: ``step()`` runs one optimizer step on
+    the variant's model and batch and returns its loss. On a CPU QLoRA spec it also routes
+    bitsandbytes' broken CPU dequantisation for the process (``spec["bitsandbytes_cpu"]`` says how)."""
     device = spec["device"]
     if device == "cpu" and spec["mode"] == "qlora":
         from unsloth_like.testing.bitsandbytes_cpu import correct_bitsandbytes_baselines
 
         routing = correct_bitsandbytes_baselines()  # for the process: it ends with the variant
-        spec = {**spec, "bitsandbytes_cpu": routing.describe()}
+        spec["bitsandbytes_cpu"] = routing.describe()
     # Both variants seed 0 right before creating adapters: identical initial adapters.
     model = _build_model(device, quantized=spec["mode"] == "qlora", name=spec.get("model", "llama"),
                          size=spec.get("size", "zoo"))
@@ -235,6 +237,15 @@ def run_variant(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    return step, vocab
+
+
+def run_variant(spec: dict) -> dict:
+    """One variant in this (fresh) process."""
+    device = spec["device"]
+    spec = dict(spec)
+    step, vocab = prepare_step(spec)
 
     # Baseline before the first step: optimizer state, gradients and activations all count.
     if device == "cuda":

@@ -72,12 +72,15 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 CHUNK_BUDGET_FACTOR = 4
 CHUNK_BUDGET_MIN = 16 * 2**20
 CHUNK_BUDGET_MAX = 1 * 2**30
-# On the TORCH backend (CPU) a chunk has at least this many rows: below ~128 rows a CPU matmul of a
-# (rows, H) by (H, V) runs well below its peak (measured: 206 GFLOP/s at 32 rows, 309 at 128, 320 at
-# 256 on a 2-core AVX512 Xeon, H 576, V 128256), and the lm_head matmuls are most of a step at real
-# vocabularies. 256 rows of fp32 logits are 128 MiB at V = 128256, still far below the N x V of
-# unfused logits.
+# On the TORCH backend (CPU) a chunk has at least TORCH_MIN_CHUNK_ROWS rows and at least a quarter of
+# the tokens (up to CHUNK_BUDGET_MAX), because the lm_head matmuls are most of a CPU step at real
+# vocabularies and run well below their peak on short chunks. Measured on a 2-core AVX512 Xeon,
+# H 576, logits plus grad_hidden matmuls: 206 GFLOP/s at 32 rows, 309 at 128, 320 at 256 (V 128256);
+# 318 at 256, 349 at 512, 365 at 1024 rows (V 262144: each chunk streams the whole weight again).
+# A quarter of the tokens keeps the chunk's logits at a quarter of one of the (N, V) buffers that
+# unfused logits need three of.
 TORCH_MIN_CHUNK_ROWS = 256
+TORCH_CHUNK_TOKEN_SHARE = 4
 # The TORCH backend's cross-entropy walks a chunk in blocks of rows of about this many bytes, so each
 # of its passes over a block runs in a core's L2 cache.
 TORCH_BLOCK_BYTES = 2 * 2**20
@@ -288,24 +291,24 @@ def _rows_torch(logits2d, labels1d, ignore_index, softcap, logit_scale, label_sm
     and in place, ``TORCH_BLOCK_BYTES`` of rows at a time so that its passes (max, exp, sum, scale)
     run in cache: log_softmax and its autograd backward would take the exponential twice and make
     three more (rows, V) buffers (log-probabilities, the gathered gradient's zeros, the gradient).
+    Half logits are worked on in an fp32 copy of one block at a time, the gradient written back.
     """
     n_rows, vocab = logits2d.shape
-    # fp32 logits are worked on in place; half logits get one fp32 copy per chunk, and the
-    # gradient is written back into their own buffer at the end.
-    z = logits2d if logits2d.dtype == torch.float32 else logits2d.float()
     keep = labels1d != ignore_index
     safe = torch.where(keep, labels1d, torch.zeros_like(labels1d)).long().unsqueeze(1)
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    weights = None
     if compute_grad:
         weights = (grad_scale if per_row_scale else grad_scale.expand(n_rows)).to(torch.float32)
         weights = torch.where(keep, weights, torch.zeros_like(weights)).unsqueeze(1)
     block = max(1, TORCH_BLOCK_BYTES // (vocab * 4))
     for start in range(0, n_rows, block):
-        end = min(n_rows, start + block)
-        loss[start:end] = _block_loss_and_grad(z[start:end], safe[start:end], keep[start:end], softcap, logit_scale,
-                                               label_smoothing, weights[start:end] if compute_grad else None)
-    if compute_grad and z is not logits2d:
-        logits2d.copy_(z)
+        rows = slice(start, min(n_rows, start + block))
+        z = logits2d[rows] if logits2d.dtype == torch.float32 else logits2d[rows].float()
+        loss[rows] = _block_loss_and_grad(z, safe[rows], keep[rows], softcap, logit_scale, label_smoothing,
+                                          None if weights is None else weights[rows])
+        if compute_grad and z.dtype != logits2d.dtype:
+            logits2d[rows].copy_(z)
     return loss, (logits2d if compute_grad else None)
 
 
@@ -457,6 +460,11 @@ def logits_chunk_rows(n_rows: int, vocab: int, hidden_bytes: int, chunk_bytes: i
     return max(1, min(n_rows, max(budget // (vocab * 4), min_rows)))
 
 
+def torch_min_chunk_rows(n_rows: int, vocab: int) -> int:
+    """The TORCH backend's floor on rows per chunk (see ``TORCH_MIN_CHUNK_ROWS``)."""
+    return max(TORCH_MIN_CHUNK_ROWS, min(-(-n_rows // TORCH_CHUNK_TOKEN_SHARE), CHUNK_BUDGET_MAX // (vocab * 4)))
+
+
 def _fused_chunks(backend, h2, weight, bias, labels1d, opts, grad_scale, per_row_scale, need_h, need_w, need_b,
                   want_loss, chunk_rows):
     """Walk the tokens in chunks: logits -> CE (loss, dlogits) -> grad rows/accumulators."""
@@ -495,7 +503,8 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1).contiguous()
         chunk_rows = logits_chunk_rows(h2.shape[0], weight.shape[0], hidden.numel() * hidden.element_size(),
-                                       chunk_bytes, TORCH_MIN_CHUNK_ROWS if backend is Backend.TORCH else 1)
+                                       chunk_bytes, torch_min_chunk_rows(h2.shape[0], weight.shape[0])
+                                       if backend is Backend.TORCH else 1)
         opts = (ignore_index, softcap, logit_scale, label_smoothing)
         ctx.hidden_shape, ctx.reduction, ctx.backend, ctx.chunk_rows, ctx.opts = (
             hidden.shape, reduction, backend, chunk_rows, opts)
