@@ -25,8 +25,9 @@ which it allocated itself and nobody else can see.
 ``fused_linear_cross_entropy(hidden, weight, labels, bias)`` computes the same loss as
 ``cross_entropy(hidden @ weight.T + bias, labels)`` without ever holding the (N, V) logits: it
 walks the tokens in chunks (size from ``logits_chunk_rows``), and per chunk computes the logits
-with a torch matmul, runs the cross-entropy (Triton kernel, or the torch reference on the TORCH
-backend: the chunking is the same on both, so CPU memory is bounded too), then immediately turns
+with a torch matmul, runs the cross-entropy (Triton kernel; on the TORCH backend, i.e. CPU, a
+hand-written torch loss and gradient, ``_rows_torch``, with chunks of at least
+``TORCH_MIN_CHUNK_ROWS`` rows so the matmuls run near the CPU's peak), then immediately turns
 the chunk's dlogits into ``grad_hidden`` rows and adds its share of ``grad_weight``/``grad_bias``
 (fp32 accumulators). Gradients are only computed for the tensors that require them (a frozen
 lm_head, the LoRA case, never gets a ``grad_weight`` accumulator). For ``reduction="none"`` the
