@@ -32,6 +32,7 @@ import torch
 
 from ..testing.reports import write_report
 from . import train_step
+from .report import LABELS
 
 GROUPS = ("lm_head matmuls", "loss", "attention", "decoder matmuls", "optimizer", "other")
 _MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
@@ -75,7 +76,7 @@ def markdown(rows: list[dict]) -> str:
     """A table of seconds per group, one column per variant, with ours minus HF when both ran."""
     by = {row["variant"]: row for row in rows}
     both = "hf" in by and "unsloth_like" in by
-    names = [train_step_label(variant) for variant in by]
+    names = [LABELS.get(variant, variant) for variant in by]
     lines = ["| where | " + " | ".join(f"{name} (s)" for name in names) + (" | ours - HF (s) |" if both else " |"),
              "|---|" + "---|" * (len(by) + both)]
     for group in (*GROUPS, "total (profiled)"):
@@ -89,10 +90,6 @@ def markdown(rows: list[dict]) -> str:
     lines.append("| step without the profiler | " + " | ".join(f"{row['step_seconds']:.3f}" for row in by.values())
                  + " |" + (" |" if both else ""))
     return "\n".join(lines) + "\n"
-
-
-def train_step_label(variant: str) -> str:
-    return {"hf": "HF + PEFT", "unsloth_like": "ours"}.get(variant, variant)
 
 
 def _run_subprocess(spec: dict) -> dict:

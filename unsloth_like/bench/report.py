@@ -6,8 +6,9 @@
     unsloth-like bench --max-seq                # GPU: also the longest batch-1 context each variant fits
     unsloth-like bench --quick                  # a one-minute smoke run of the whole pipeline
 
-Every cell (a mode, a vocabulary when ``--vocab`` names several, and a sequence length) runs each variant in a fresh process on the same seeded
-weights and the same batch (``train_step``): a few warm-up steps, then timed optimizer steps, of
+Every cell (a mode, a vocabulary when ``--vocab`` names several, and a sequence length) runs each
+variant in a fresh process on the same seeded weights and the same batch (``train_step``): a few
+warm-up steps, then timed optimizer steps, of
 which the median is reported; on a CPU each variant runs twice, interleaved with the others, and
 the faster run counts (``--repeats``).
 Variants: ``hf`` (the plain model with ``peft.get_peft_model``), ``unsloth_like``
@@ -118,10 +119,10 @@ def run(args: argparse.Namespace, shape: dict) -> dict:
               "cells": cells}
     if args.max_seq and device == "cuda":
         report["longest_context_batch1"] = {
-            f"{mode}/{variant}": train_step.longest_sequence({"device": device, "variant": variant, "mode": mode,
-                                                              "model": args.model, "vocab": args.vocab,
-                                                              "gradient_checkpointing": True})
-            for mode in args.modes for variant in variants(device)}
+            f"{mode}/" + (f"{vocab}/" if len(args.vocab or []) > 1 else "") + variant:
+                train_step.longest_sequence({"device": device, "variant": variant, "mode": mode, "model": args.model,
+                                             "vocab": vocab, "gradient_checkpointing": True})
+            for mode in args.modes for vocab in args.vocab or [None] for variant in variants(device)}
     slug = "cpu" if device == "cpu" else name.split()[-1].lower()
     write(report, args.out, slug if args.name is None else f"{slug}-{args.name}")
     return report
