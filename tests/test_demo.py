@@ -19,6 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from unsloth_like.demo import DemoSettings, run_demo
+from unsloth_like.demo_data import demo_chats, held_back_questions
 from unsloth_like.testing.corpus import demo_conversations
 from unsloth_like.kernels import use_backend
 from unsloth_like.testing.zoo import load_zoo_model, zoo_model_dir
@@ -27,6 +28,7 @@ from unsloth_like.testing.zoo import load_zoo_model, zoo_model_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["llama", "mistral"])
 def test_demo_trains_and_saves_a_loadable_adapter(architecture, zoo_cache, tmp_path):
+    """A random zoo model (``architecture``): the whole pipeline; it learns the answers' form only."""
     out = tmp_path / "demo"
     messages = []
     with use_backend("torch"):
@@ -50,9 +52,14 @@ def test_demo_trains_and_saves_a_loadable_adapter(architecture, zoo_cache, tmp_p
     # reloaded by plain transformers, and from the q8_0 GGUF through llama.cpp when it is installed
     stages = ["before", "after", "merged"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
     assert list(summary["answers"]) == stages and summary["answers"] == result.answers
-    assert len(result.prompts) == 3 and all(len(texts) == 3 for texts in result.answers.values())
-    assert not set(result.prompts) & {chat[0]["content"] for chat in demo_conversations(64, seed=3407)}
-    assert "demo: greedy answers to prompts training never saw" in messages[1]
+    assert result.prompts == [q for q, _ in held_back_questions()] == summary["prompts"]
+    assert result.expected == [a for _, a in held_back_questions()] == summary["expected"]
+    assert all(len(texts) == 24 for texts in result.answers.values())
+    assert summary["exact"] == {stage: result.exact(stage) for stage in stages}
+    assert not set(result.prompts) & {chat[0]["content"] for chat in demo_chats(64, seed=3407)}
+    assert messages[1].startswith("demo: greedy answers to questions training never saw")
+    assert messages[1].count("  Q: ") == 3 and "exact answers to all 24 held-back questions: before" in messages[1]
+    assert f"demo: trained zoo '{architecture}' (random weights)" in messages[0]
     for gguf_file in summary["gguf"]:
         assert (out / "gguf" / gguf_file).is_file()
 
@@ -67,6 +74,30 @@ def test_demo_trains_and_saves_a_loadable_adapter(architecture, zoo_cache, tmp_p
         with reloaded.disable_adapter():
             plain = reloaded(**batch).logits
     assert (tuned - plain).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_the_default_demo_teaches_the_pretrained_base_to_answer(zoo_cache, tmp_path):
+    """``make demo``'s job (defaults): the demo base, pretrained on plain text, cannot answer the
+    held-back questions in the chat format before the finetune, and answers them after it, from
+    the adapter, the merged 16-bit export and the q8_0 GGUF alike. Each is the greedy answer of a
+    seeded run; the thresholds (of 24) leave room for another CPU's rounding."""
+    messages = []
+    with use_backend("torch"):
+        result = run_demo(DemoSettings(output_dir=tmp_path / "demo", cache_dir=zoo_cache), log=messages.append)
+    assert len(result.losses) == 40 and result.last_loss < 1.0 < result.first_loss  # logged every 10 steps
+    # the first run in a cache pretrains the base first and says so
+    report = [m for m in messages if not m.startswith(("demo: pretraining the demo base", "demo: pretrained"))]
+    assert report[0].startswith("demo: trained the demo base with LoRA r=16 for 400 steps"), messages
+    assert result.exact("before") <= 1, result.answers["before"]
+    for stage in result.answers.keys() - {"before"}:
+        assert result.exact(stage) >= 20, (stage, result.answers[stage])
+    # the 16-bit merge and q8_0 round the weights; at most a near-tie answer may change
+    for stage in result.answers.keys() - {"before", "after"}:
+        agree = sum(x == y for x, y in zip(result.answers[stage], result.answers["after"]))
+        assert agree >= 22, (stage, result.answers[stage], result.answers["after"])
+    assert sorted(p.name for p in (tmp_path / "demo" / "gguf").glob("*.gguf")) == ["llama-demo.Q4_K_M.gguf",
+                                                                                  "llama-demo.Q8_0.gguf"]
 
 
 def test_demo_refuses_a_non_empty_output_dir_before_training(tmp_path):
@@ -132,8 +163,9 @@ def test_demo_refuses_bad_real_use_settings_before_loading(settings, message, tm
         run_demo(DemoSettings(output_dir=tmp_path / "out", model="/nonexistent/model", **settings))
 
 
-def test_demo_refuses_a_dataset_without_messages_or_text(zoo_cache, tmp_path):
+def test_demo_refuses_a_dataset_without_messages_or_text(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps({"question": "q", "answer": "a"}) for _ in range(8)))
     with pytest.raises(ValueError, match=r"has columns \['question', 'answer'\]; the demo trains on 'messages'"):
-        run_demo(DemoSettings(output_dir=tmp_path / "out", dataset=str(data), cache_dir=zoo_cache))
+        run_demo(DemoSettings(output_dir=tmp_path / "out", dataset=str(data), cache_dir=tmp_path / "zoo"))
+    assert not (tmp_path / "zoo").exists()  # refused before the demo base was built or a model loaded

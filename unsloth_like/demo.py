@@ -1,18 +1,29 @@
-"""The built-in end-to-end job: load a tiny zoo model with ``FastLanguageModel``, add LoRA with
+"""The built-in end-to-end job: load the demo base with ``FastLanguageModel``, add LoRA with
 ``FastLanguageModel.get_peft_model`` (fused LoRA path, offloaded checkpointing on GPU), finetune
-it through TRL's ``SFTTrainer``, and export it the ways a user ships a model.
+it through TRL's ``SFTTrainer`` on the replies only (``train_on_responses_only``), and export it
+the ways a user ships a model.
 
-Runs anywhere (CPU in well under a minute, GPU if present) with nothing downloaded. It is what
-``make demo`` / ``python -m unsloth_like demo`` runs. ``<output_dir>`` gets:
+The demo base (``demo_base``) is a small Llama pretrained here at first use (about a minute and a
+half on two CPU cores, then cached) on plain text about 24 animals; it has never seen a question
+or a chat template. The built-in chats (``demo_data``) ask about 16 of the animals; the held-back
+questions ask about the other 8 and describe colour/thing pairs the chats never show, so a right
+answer after the finetune comes from pretraining knowledge put into the taught form.
+
+Runs anywhere (CPU in a few minutes the first time, about a minute after; GPU if present) with
+nothing downloaded. It is what ``make demo`` / ``python -m unsloth_like demo`` runs.
+``<output_dir>`` gets:
 
 * the adapter and tokenizer (``adapter_model.safetensors`` ...), ``demo_summary.json``;
 * ``loss.png``, the loss curve (when matplotlib is installed: ``unsloth-like[plots]``);
 * ``merged/``: 16-bit weights with the adapter merged in, which plain transformers loads;
 * ``gguf/``: ``q8_0`` and ``q4_k_m`` GGUF files and an Ollama ``Modelfile``.
 
-It prints greedy answers to held-back prompts (questions of the training kinds that training never
-saw) before and after training, then the merged model's answers (plain transformers) next to the
-``q8_0`` GGUF's through llama.cpp, when llama-cpp-python is installed (``unsloth-like[gguf-check]``).
+It answers the held-back questions greedily before and after training, then with the merged
+model (plain transformers) and the ``q8_0`` GGUF through llama.cpp, when llama-cpp-python is
+installed (``unsloth-like[gguf-check]``); it prints three of them and, for the built-in data, how
+many of all the held-back questions each stage answers exactly.
+A zoo architecture name (``architecture``) trains that zoo model's random weights instead: it
+learns the answers' form, not their content.
 
 The same job is real use with ``model`` (a model directory or hub id), ``dataset`` (a
 json/jsonl/parquet file, a saved ``datasets`` folder or a hub id, with ``messages`` or ``text``; with
@@ -34,30 +45,33 @@ import torch
 
 from .data_files import check_dataset_source, load_training_dataset
 from .env import is_bfloat16_supported
-from .testing.corpus import demo_conversations
+from .demo_base import demo_base_dir
+from .demo_data import demo_chats, held_back_questions
 from .models.loader import FastLanguageModel
+from .responses_only import train_on_responses_only
 from .testing.zoo import get_spec, zoo_model_dir
 
 
 _MAX_LENGTH = 128
 _ANSWER_TOKENS = 24
-_HELD_BACK = 3  # prompts, drawn with another seed than the training set's
+_HELD_BACK = 3  # rows of a user's dataset held back; prompts printed
+DEMO_BASE = "demo"  # ``architecture`` of the pretrained demo base; other names are random zoo models
 _GGUF_METHODS = ("q8_0", "q4_k_m")
 
 
 @dataclass
 class DemoSettings:
     output_dir: Path = Path("outputs/demo")
-    architecture: str = "llama"  # the zoo model trained when ``model`` is None
-    max_steps: int = 40
+    architecture: str = DEMO_BASE  # when ``model`` is None: the demo base, or a zoo model's name
+    max_steps: int = 400
     seed: int = 3407
     overwrite: bool = False
     n_conversations: int = 256
     batch_size: int = 8
-    learning_rate: float | None = None  # None: 3e-3 for a zoo model (random weights), 2e-4 for a real one
+    learning_rate: float | None = None  # None: 2e-3 for the demo base, 3e-3 for a random zoo model, 2e-4 for a real one
     lora_rank: int = 16
     cache_dir: Path | None = None  # zoo cache; None = ~/.cache/unsloth_like/zoo
-    model: str | None = None  # a model directory or hub id instead of the zoo model
+    model: str | None = None  # a model directory or hub id instead of the demo base or a zoo model
     dataset: str | None = None  # a json/jsonl/parquet file, a saved datasets folder or a hub id (not the built-in chats)
     chat_template: str | None = None  # a name from chat_templates.CHAT_TEMPLATES
     load_in_4bit: bool = False  # QLoRA (NF4 bases; bitsandbytes' CPU path is slow, meant for a GPU)
@@ -70,8 +84,13 @@ class DemoResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # the held-back questions
     answers: dict[str, list[str]] = field(default_factory=dict)  # "before", "after", "merged", "llama.cpp"
+    expected: list[str] | None = None  # the right answers (the built-in data only)
+
+    def exact(self, stage: str) -> int:
+        """How many held-back questions ``stage`` answered exactly right (built-in data only)."""
+        return sum(a == b for a, b in zip(self.answers[stage], self.expected, strict=True))
 
     @property
     def first_loss(self) -> float:
@@ -83,7 +102,7 @@ class DemoResult:
 
 
 def _check_settings(settings: DemoSettings) -> None:
-    if settings.model is None:
+    if settings.model is None and settings.architecture != DEMO_BASE:
         spec = get_spec(settings.architecture)
         if spec.is_vlm:
             raise ValueError(f"The demo trains text models; {spec.name!r} is a vision-language model.")
@@ -123,10 +142,13 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
 
     from trl import SFTConfig, SFTTrainer
 
+    # the data first: a dataset the demo cannot use is refused before a model is built or loaded
+    dataset, prompts, expected = _training_data(settings)
     torch.manual_seed(settings.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    source = settings.model or str(zoo_model_dir(settings.architecture, settings.cache_dir))
-    name = Path(settings.model.rstrip("/")).name if settings.model else settings.architecture
+    source = settings.model or str(_zoo_source(settings, log))
+    name = Path(settings.model.rstrip("/")).name if settings.model else (
+        "llama" if settings.architecture == DEMO_BASE else settings.architecture)
     model, tokenizer = FastLanguageModel.from_pretrained(source, max_seq_length=settings.max_seq_length,
                                                          load_in_4bit=settings.load_in_4bit)
     if settings.chat_template is not None:
@@ -137,8 +159,8 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         model, r=settings.lora_rank, lora_alpha=settings.lora_rank, lora_dropout=0.0,
         target_modules="all-linear", random_state=settings.seed, use_gradient_checkpointing="unsloth",
     )
-    dataset, prompts = _training_data(settings)
-    learning_rate = settings.learning_rate or (2e-4 if settings.model else 3e-3)
+    learning_rate = settings.learning_rate or (
+        2e-4 if settings.model else 2e-3 if settings.architecture == DEMO_BASE else 3e-3)
     answers = {"before": _greedy_answers(model, tokenizer, prompts)} if prompts else {}
 
     out = Path(settings.output_dir)
@@ -151,7 +173,7 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
             per_device_train_batch_size=settings.batch_size,
             learning_rate=learning_rate,
             lr_scheduler_type="constant",
-            logging_steps=1,
+            logging_steps=max(1, settings.max_steps // 40),  # about 40 points: the printed log and loss.png
             save_strategy="no",
             report_to="none",
             seed=settings.seed,
@@ -161,6 +183,9 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
             use_cpu=device == "cpu",
         )
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        if "messages" in dataset.column_names:  # chats: the loss on the replies only, as Unsloth's notebooks do
+            # a reply cut off by max_seq_length leaves nothing to learn: such rows are dropped, with a count
+            train_on_responses_only(trainer, drop_fully_masked=True)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -185,21 +210,24 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
         if prompts and importlib.util.find_spec("llama_cpp") is not None:
             answers["llama.cpp"] = _llama_cpp_answers(gguf_paths[0], staging / "merged", prompts)
         result = DemoResult(output_dir=out, losses=losses, seconds=seconds, device=device, prompts=prompts,
-                            answers=answers)
+                            answers=answers, expected=expected)
         summary = {"settings": {k: str(v) for k, v in asdict(settings).items()},
                    "device": device, "seconds": seconds, "losses": losses, "prompts": prompts, "answers": answers,
+                   "expected": expected, "exact": {stage: result.exact(stage) for stage in answers} if expected else None,
                    "gguf": [p.name for p in gguf_paths]}
         (staging / "demo_summary.json").write_text(json.dumps(summary, indent=2))
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
+    trained = ("the demo base" if settings.architecture == DEMO_BASE else f"zoo '{name}' (random weights)"
+               ) if settings.model is None else f"'{name}'"
     log(
-        f"demo: trained {'' if settings.model else 'zoo '}'{name}' with LoRA r={settings.lora_rank} for "
+        f"demo: trained {trained} with LoRA r={settings.lora_rank} for "
         f"{settings.max_steps} steps on {device} in {result.seconds:.1f}s; "
         f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}; adapter saved to {out}"
     )
-    log(_answer_table(prompts, answers) if prompts else
+    log(_answer_table(result) if prompts else
         "demo: the dataset has no 'messages' column, so there are no held-back prompts to answer")
     log(f"demo: wrote {out}/merged (16-bit), {out}/gguf ({', '.join(_GGUF_METHODS)} + Modelfile)"
         + (f", {out}/loss.png" if plotted else "; install unsloth-like[plots] for loss.png")
@@ -208,15 +236,23 @@ def run_demo(settings: DemoSettings | None = None, *, log=print) -> DemoResult:
     return result
 
 
+def _zoo_source(settings: DemoSettings, log) -> Path:
+    if settings.architecture == DEMO_BASE:
+        return demo_base_dir(settings.cache_dir, log=log)
+    return zoo_model_dir(settings.architecture, settings.cache_dir)
+
+
 def _training_data(settings: DemoSettings):
-    """The training set and the held-back prompts (user questions training never sees): the
-    built-in chats and prompts drawn apart from them, or the user's dataset, whose last rows are
-    held back when it has ``messages`` (a ``text``-only dataset trains on all rows, no prompts)."""
+    """The training set, the held-back prompts (user questions training never sees) and their
+    right answers: the built-in chats and held-back questions (``demo_data``), or the user's
+    dataset, whose last rows are held back when it has ``messages`` (their answers are not scored;
+    a ``text``-only dataset trains on all rows, no prompts)."""
     from datasets import Dataset
 
     if settings.dataset is None:
-        conversations = demo_conversations(settings.n_conversations, seed=settings.seed)
-        return Dataset.from_dict({"messages": conversations}), _held_back_prompts(conversations, settings.seed)
+        questions = held_back_questions()
+        chats = demo_chats(settings.n_conversations, seed=settings.seed)
+        return Dataset.from_dict({"messages": chats}), [q for q, _ in questions], [a for _, a in questions]
     rows = load_training_dataset(settings.dataset)
     if "messages" in rows.column_names:
         if len(rows) <= _HELD_BACK:
@@ -224,21 +260,11 @@ def _training_data(settings: DemoSettings):
                              "for its before/after answers and needs more to train on.")
         held = rows.select(range(len(rows) - _HELD_BACK, len(rows)))
         prompts = [next(turn["content"] for turn in chat if turn["role"] == "user") for chat in held["messages"]]
-        return rows.select(range(len(rows) - _HELD_BACK)), prompts
+        return rows.select(range(len(rows) - _HELD_BACK)), prompts, None
     if "text" in rows.column_names:
-        return rows, []
+        return rows, [], None
     raise ValueError(f"Dataset {settings.dataset} has columns {rows.column_names}; the demo trains on 'messages' "
                      "(a list of {role, content} turns) or 'text'.")
-
-
-def _held_back_prompts(conversations, seed: int) -> list[str]:
-    """Questions of the training kinds, drawn with another seed, none of them in the training set."""
-    seen = {chat[0]["content"] for chat in conversations}
-    candidates = (chat[0]["content"] for chat in demo_conversations(_HELD_BACK * 20, seed=seed + 1))
-    prompts = list(dict.fromkeys(q for q in candidates if q not in seen))[:_HELD_BACK]
-    if len(prompts) < _HELD_BACK:
-        raise RuntimeError("Could not draw held-back prompts outside the training set; use fewer conversations.")
-    return prompts
 
 
 def _greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
@@ -288,11 +314,14 @@ def _llama_cpp_answers(gguf_path: Path, merged_dir: Path, prompts: list[str]) ->
         llm.close()
 
 
-def _answer_table(prompts: list[str], answers: dict[str, list[str]]) -> str:
-    lines = ["demo: greedy answers to prompts training never saw"]
-    for i, prompt in enumerate(prompts):
+def _answer_table(result: DemoResult) -> str:
+    lines = ["demo: greedy answers to questions training never saw"]
+    for i, prompt in enumerate(result.prompts[:_HELD_BACK]):
         lines.append(f"  Q: {prompt}")
-        lines.extend(f"    {stage + ':':<10} {texts[i]!r}" for stage, texts in answers.items())
+        lines.extend(f"    {stage + ':':<10} {texts[i]!r}" for stage, texts in result.answers.items())
+    if result.expected is not None:
+        scores = ", ".join(f"{stage} {result.exact(stage)}" for stage in result.answers)
+        lines.append(f"demo: exact answers to all {len(result.expected)} held-back questions: {scores}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ All are saved with ``save_pretrained`` and load back with ``AutoTokenizer``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,9 @@ class TokenizerSpec:
     # (("boi_token", "<start_of_image>"), ...): they become tokenizer attributes (``tokenizer.boi_token``,
     # ``tokenizer.boi_token_id``) that processors read.
     named_tokens: tuple[tuple[str, str], ...] = ()
+    # The text it is trained on: "zoo" (testing.corpus.tokenizer_corpus) or "demo" (that plus the
+    # demo's documents and chats, demo_data.demo_tokenizer_corpus: the demo base's tokenizer).
+    corpus: str = "zoo"
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
@@ -215,6 +219,8 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
         add_bos=True,
     ),
 }
+# The demo base's: Llama 3's, trained with the demo's animals, homes and foods in its corpus.
+TOKENIZERS["llama3_demo"] = dataclasses.replace(TOKENIZERS["llama3"], corpus="demo")
 
 # SentencePiece-style tokenizers: how many leading special tokens take ids 0.. before the byte
 # pieces, and whether a "▁" is prepended to the first word (Llama-2/Mistral) or not (Gemma).
@@ -226,7 +232,7 @@ def train_tokenizer(spec: TokenizerSpec) -> "Tokenizer":
     """Train the raw ``tokenizers.Tokenizer`` described by ``spec`` (deterministic)."""
     from tokenizers import processors
 
-    corpus = tokenizer_corpus(seed=spec.seed)
+    corpus = _corpus(spec)
     if spec.style in _SPM_CORE:
         tokenizer = _train_spm(spec, corpus)
     elif spec.style in ("llama3", "qwen2"):
@@ -241,6 +247,16 @@ def train_tokenizer(spec: TokenizerSpec) -> "Tokenizer":
             special_tokens=[(spec.bos_token, bos_id)],
         )
     return tokenizer
+
+
+def _corpus(spec: TokenizerSpec) -> list[str]:
+    if spec.corpus == "zoo":
+        return tokenizer_corpus(seed=spec.seed)
+    if spec.corpus == "demo":
+        from ..demo_data import demo_tokenizer_corpus
+
+        return demo_tokenizer_corpus(seed=spec.seed)
+    raise ValueError(f"Unknown tokenizer corpus {spec.corpus!r}; use 'zoo' or 'demo'.")
 
 
 def _train_byte_level(spec: TokenizerSpec, corpus: list[str]) -> "Tokenizer":

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -389,13 +389,19 @@ def zoo_model_dir(name: str | ZooSpec, cache_dir: str | Path | None = None) -> P
     ``dataclasses.replace``), cached under its own key in the same way."""
     spec = name if isinstance(name, ZooSpec) else get_spec(name)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / spec.cache_key()
+    return build_cached(root / spec.cache_key(), lambda staging: build_model_dir(spec, staging))
+
+
+def build_cached(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, a model folder (with ``config.json``) that ``build`` writes on first use into a
+    private folder next to it, renamed into place when done: concurrent builders never see half a
+    folder, and one that loses the race keeps the winner's."""
     if (target / "config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_model_dir(spec, staging)
+        build(staging)
         try:
             staging.rename(target)
         except OSError:
@@ -465,7 +471,7 @@ def _generation_config(spec: ZooSpec, tokenizer) -> "transformers.GenerationConf
     from transformers import GenerationConfig
 
     eos_ids = [tokenizer.eos_token_id]
-    end_of_turn = {"llama3": "<|eot_id|>", "llama3_vision": "<|eot_id|>", "gemma3": "<end_of_turn>"}
+    end_of_turn = {"llama3": "<|eot_id|>", "llama3_demo": "<|eot_id|>", "llama3_vision": "<|eot_id|>", "gemma3": "<end_of_turn>"}
     if spec.tokenizer in end_of_turn:  # Llama-3.1+ and Gemma 3 stop on end-of-turn as well as EOS
         eos_ids.append(tokenizer.convert_tokens_to_ids(end_of_turn[spec.tokenizer]))
     return GenerationConfig(
