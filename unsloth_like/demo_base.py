@@ -6,14 +6,15 @@ honest middle: a 3.5M-parameter Llama (untied embeddings, 4 layers, hidden 256, 
 attention) with the Llama 3 tokenizer trained on the demo's vocabulary (``llama3_demo``),
 pretrained from its seeded initialisation on ``demo_data.pretraining_documents`` by plain full
 training (AdamW, warm-up then cosine decay, gradient clipping), about a minute and a half on two
-CPU cores. It learns the animal facts and, partly, to copy from its context; it never sees a question or a
-chat template, so before the demo's finetune it cannot answer one.
+CPU cores. It learns the animal facts and, partly, to copy from its context; it never sees a
+question or a chat template, so before the demo's finetune it cannot answer one.
 
-The checkpoint is built by ``demo_base_dir`` once and cached next to the zoo models
+``demo_base_dir`` builds the checkpoint once and caches it next to the zoo models
 (``~/.cache/unsloth_like/zoo/demo-base-<key>``), under a key that covers the model spec, the
-tokenizer and its corpus, the recipe below, the documents and the transformers version; it is written to a private
-folder and renamed into place, so concurrent builders never see half a checkpoint.
-``pretraining.json`` in the folder records the recipe, the losses and the time it took.
+tokenizer and its corpus, the recipe below, the documents and the transformers version. It is
+written to a private folder and renamed into place, so a reader never sees half a checkpoint, and
+builders take a lock (where ``fcntl`` exists) so that a second one waits instead of pretraining
+again. ``pretraining.json`` in the folder records the recipe, the losses and the time it took.
 The build is seeded and deterministic on one machine; another CPU may round differently, so the
 weights (not the recipe) can differ from host to host.
 """

@@ -266,3 +266,19 @@ def test_new_tokens_and_a_resized_vocabulary(zoo_cache, tmp_path):
     with llamacpp.load(path) as llm:
         assert llamacpp.tokenize(llm, text, add_bos=True) == ids
     _assert_llama_cpp_runs_it_like(model, ids, path)
+
+
+def test_the_pre_tokenizer_probe_is_not_reported_as_too_long(zoo_cache):
+    """The probe that names llama.cpp's pre-tokenizer is longer than a tokenizer loaded with a short
+    max_seq_length; transformers' "sequence length is longer than the specified maximum" warning
+    would read as a problem of the user's data."""
+    from transformers import AutoTokenizer
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    from unsloth_like.save.gguf.tokenizer import pre_tokenizer_name
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo_model_dir("llama", zoo_cache), model_max_length=16)
+    with CaptureLogger(hf_logging.get_logger("transformers.tokenization_utils_base")) as captured:
+        assert pre_tokenizer_name(tokenizer) == "llama-bpe"
+    assert "longer than the specified maximum" not in captured.out

@@ -152,7 +152,9 @@ def loadable_name(name: str, vocab: Vocabulary) -> str:
 def pre_tokenizer_name(tokenizer, spec: dict | None = None) -> str:
     """llama.cpp's name for this byte-level tokenizer's pre-tokenizer (see the module docstring)."""
     spec = spec if spec is not None else _tokenizer_json(tokenizer)
-    digest = hashlib.sha256(str(tokenizer.encode(_PROBE)).encode()).hexdigest()
+    # verbose=False: the probe may be longer than the tokenizer's model_max_length (a model loaded
+    # with a short max_seq_length), which transformers would report as if a sequence were too long
+    digest = hashlib.sha256(str(tokenizer.encode(_PROBE, verbose=False)).encode()).hexdigest()
     if digest in _KNOWN_HASHES:
         return _KNOWN_HASHES[digest]
     patterns = _split_patterns(spec.get("pre_tokenizer"))
