@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="finetune a model with LoRA through TRL, answer before/after, export 16-bit, GGUF and a Modelfile",
         description="With no options: a small Llama pretrained here on plain text about animals (once, about "
                     "1.5 min on CPU, then cached) is taught to answer questions in the chat format with built-in "
-                    "chats, on CPU in about a minute. --model/--dataset/--chat-template make it a real finetune.",
+                    "chats, on CPU in about half a minute. --model/--dataset/--chat-template make it a real "
+                    "finetune.",
     )
     demo.add_argument("--output-dir", default="outputs/demo", help="where the adapter and exports go")
     demo.add_argument(
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", help="a json/jsonl/parquet file, a saved datasets folder or a hub id, with "
                                         "'messages' (its last 3 rows are held back for the answers) or 'text'")
     demo.add_argument("--chat-template", help="a chat template name (e.g. llama-3.1, chatml, qwen-2.5)")
-    demo.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (meant for a GPU)")
+    demo.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (works on CPU too)")
     demo.add_argument("--learning-rate", type=float,
                       help="default 2e-3 for the demo base, 3e-3 for a zoo model, 2e-4 otherwise")
     demo.add_argument("--max-seq-length", type=int, default=128, help="tokens per training row (default 128)")
