@@ -76,7 +76,8 @@ _DOCUMENT_KINDS = ((_fact_document, 5.0), (_colour_document, 2.0), (_echo_docume
 
 
 def pretraining_documents(n: int, seed: int) -> list[str]:
-    """``n`` plain-text documents (no questions, no chat template) for pretraining the demo base."""
+    """``n`` plain-text documents (none of the chats' questions, no chat template) for pretraining the
+    demo base."""
     rng = random.Random(seed)
     makers, weights = zip(*_DOCUMENT_KINDS)
     return [rng.choices(makers, weights=weights)[0](rng) for _ in range(n)]
@@ -124,7 +125,8 @@ def held_back_questions() -> list[tuple[str, str]]:
 
 def demo_tokenizer_corpus(seed: int = 0) -> list[str]:
     """The zoo tokenizers' corpus plus the demo's documents and chats, so that the demo base's
-    tokenizer holds the animals, homes and foods as whole words."""
+    tokenizer holds the animals, homes and foods as whole words. The held-back questions are in it
+    too: a tokenizer learns only its merges from this text; the model never trains on it."""
     rng = random.Random(seed + 1)
     chats = demo_chats(1000, seed=seed + 2)
     return (tokenizer_corpus(seed) + pretraining_documents(3000, seed=seed + 3)
