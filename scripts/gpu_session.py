@@ -18,6 +18,9 @@ each step did to ``<out>/session.json`` after every step, so a killed run still 
    ``torchrun`` with NCCL through the Trainer's DDP (one process) on a zoo model;
 4. ``kernels``: ``bench_kernels.py --quick`` (bandwidth, cross-entropy block sizes, Liger);
    ``train-liger``: the LoRA step of HF + PEFT with Liger-Kernel applied (its peer);
+   ``train-unsloth``: the LoRA step of ours against Unsloth itself (numbers in ``session.log``;
+   skipped unless Unsloth is installed: ``gpu_wheels.sh peers``, a second carry into the same
+   ``--target``);
 5. ``kernel-suite``: the whole kernel test suite, compiled, on CUDA tensors;
 6. ``gguf-8b``: the 8B q4_k_m export (against llama.cpp when its wheel is there; ~45 GB of disk);
 7. ``max-seq``: the longest batch-1 sequence that fits, LoRA (many fresh processes; its numbers
@@ -35,6 +38,7 @@ On the device machine (the wheels come from ``../shared/tools/gpu_wheels.sh core
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -56,6 +60,7 @@ class Step:
     timeout: int  # seconds this step may take at most
     min_seconds: int  # not started with less time than this left
     outputs: list[str] = field(default_factory=list)  # files under --out it writes
+    requires: str = ""  # a module the step needs; skipped, and said so, where it is not installed
 
 
 @dataclass
@@ -113,6 +118,9 @@ def plan(out: Path, slug: str) -> list[Step]:
         Step("train-liger", [PYTHON, "scripts/bench_train.py", "--variants", "hf_liger",
                              "--out", str(out / f"train-lora-liger-{slug}.json")], 150, 90,
              [f"train-lora-liger-{slug}.json"]),
+        # ours against Unsloth on the same model and batch (numbers in session.log: 8 files come back)
+        Step("train-unsloth", [PYTHON, "scripts/bench_train.py", "--variants", "unsloth_like", "unsloth",
+                               "--out", f"/tmp/train-lora-unsloth-{slug}.json"], 420, 240, requires="unsloth"),
         # not slow: the suite's slow test compiles every kernel for five GPU architectures (CI does it)
         Step("kernel-suite", [*pytest, "-x", "-m", "not slow", "tests/kernels"], 240, 60),
         Step("gguf-8b", [PYTHON, "scripts/bench_gguf.py", "--preset", "llama-3.1-8b", "--methods", "q4_k_m",
@@ -177,7 +185,9 @@ def main() -> int:
             if args.only and step.name not in args.only:
                 continue
             left = deadline - time.monotonic() - 5  # 5 s to write the summary
-            if left < step.min_seconds:
+            if step.requires and importlib.util.find_spec(step.requires) is None:
+                outcomes.append(Outcome(step.name, "skipped", reason=f"{step.requires} is not installed"))
+            elif left < step.min_seconds:
                 outcomes.append(Outcome(step.name, "skipped", reason=f"{left:.0f} s left, needs {step.min_seconds}"))
             else:
                 outcomes.append(run_step(step, min(step.timeout, left), log))

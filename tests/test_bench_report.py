@@ -92,6 +92,33 @@ def test_markdown_table_has_every_row_ratio_and_the_plot():
     assert text.rstrip().endswith("![throughput and peak memory](report-cpu.png)")
 
 
+def test_peers_get_ours_over_them_on_their_own_row():
+    rows = [_row("hf", 1000.0, 900.0, [10.5, 10.4]), _row("unsloth_like", 1250.0, 300.0, [10.5, 10.3]),
+            _row("unsloth", 1000.0, 400.0, [10.5, 10.35])]
+    got = report.ratios(rows)
+    assert got["tokens_per_s_ratio"] == pytest.approx(1.25)  # ours / HF, as before
+    assert got["versus"]["unsloth"]["tokens_per_s_ratio"] == pytest.approx(1.25)
+    assert got["versus"]["unsloth"]["peak_memory_ratio"] == pytest.approx(0.75)
+    assert got["versus"]["unsloth"]["last_loss_difference"] == pytest.approx(0.05)
+    cell = {"mode": "lora", "seq": 256, "batch": 8, "rows": rows, **got}
+    text = report.markdown({**_report(), "cells": [cell]})
+    assert "| lora | 256 x 8 | ours | 1250 | 1.638 | 300 | time 0.80x, memory 0.33x |" in text
+    assert "| lora | 256 x 8 | Unsloth | 1000 | 2.048 | 400 | ours / Unsloth: time 0.80x, memory 0.75x | 0.0e+00, 5.0e-02 |" in text
+    assert "versus" not in report.ratios(rows[:2])
+
+
+def test_peers_run_where_they_are_installed_on_the_devices_they_support(monkeypatch):
+    installed = set()
+    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert report.variants("cpu") == report.variants("cuda") == ["hf", "unsloth_like"]
+    installed.add("liger_kernel")  # GPU kernels only
+    assert report.variants("cpu") == ["hf", "unsloth_like"]
+    assert report.variants("cuda") == ["hf", "unsloth_like", "hf_liger"]
+    installed.add("unsloth")  # a CPU backend too
+    assert report.variants("cpu") == ["hf", "unsloth_like", "unsloth"]
+    assert report.variants("cuda") == ["hf", "unsloth_like", "hf_liger", "unsloth"]
+
+
 def test_several_vocabularies_get_a_column_of_their_own():
     several = _report()
     for cell, vocab in zip(several["cells"], (32000, 262144, 262144)):

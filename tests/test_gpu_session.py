@@ -51,12 +51,14 @@ def test_steps_that_cannot_finish_are_skipped_and_reported(session, tmp_path, mo
     failing = session.Step("failing", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 60, 1)
     slow = session.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=2, min_seconds=1)
     too_big = session.Step("too-big", [sys.executable, "-c", "pass"], timeout=60, min_seconds=10_000)
-    monkeypatch.setattr(session, "plan", lambda out, slug: [quick, failing, slow, too_big])
+    peer = session.Step("peer", [sys.executable, "-c", "pass"], 60, 1, requires="a_package_nobody_installed")
+    monkeypatch.setattr(session, "plan", lambda out, slug: [quick, failing, slow, too_big, peer])
     monkeypatch.setattr(sys, "argv", ["gpu_session.py", "--out", str(tmp_path), "--budget", "120"])
     assert session.main() == 1
     report = json.loads((tmp_path / "session.json").read_text())
     statuses = {s["name"]: (s["status"], s["returncode"]) for s in report["steps"]}
     assert statuses == {"quick": ("passed", 0), "failing": ("failed", 3), "slow": ("timed out", None),
-                        "too-big": ("skipped", None)}
+                        "too-big": ("skipped", None), "peer": ("skipped", None)}
+    assert report["steps"][-1]["reason"] == "a_package_nobody_installed is not installed"
     log = (tmp_path / "session.log").read_text()
     assert "ran" in log and "boom" in log

@@ -12,8 +12,9 @@ warm-up steps, then timed optimizer steps, of
 which the median is reported; on a CPU each variant runs twice, interleaved with the others, and
 the faster run counts (``--repeats``).
 Variants: ``hf`` (the plain model with ``peft.get_peft_model``), ``unsloth_like``
-(``FastLanguageModel.get_peft_model`` on the patched model) and, on a GPU with liger-kernel
-installed, ``hf_liger``. Every cell has the same number of tokens per step (the batch shrinks as
+(``FastLanguageModel.get_peft_model`` on the patched model) and the peers that are installed:
+``hf_liger`` (liger-kernel, GPU) and ``unsloth`` (Unsloth itself, loading the same model from a
+temporary checkpoint, its adapters starting from ``hf``'s: ``unsloth_variant``). Every cell has the same number of tokens per step (the batch shrinks as
 the rows grow), so throughput is comparable across the row. Ratios (ours / HF) come from the same
 run. The model: on a CPU the zoo Llama (random weights, 13.8M parameters; ``--size small``: at
 SmolLM2-135M's width, 4 layers); on a GPU Llama-3.1-8B's dimensions (random weights, no hub needed).
@@ -37,11 +38,14 @@ import torch
 
 from ..testing.reports import write_atomically, write_report
 from . import train_step
+from .unsloth_variant import PeerCheckpoints
 
 CPU_DEFAULTS = {"seq": [256, 512, 1024], "tokens_per_step": 2048, "warmup": 2, "steps": 7, "repeats": 2}
 GPU_DEFAULTS = {"seq": [1024, 4096], "tokens_per_step": 8192, "warmup": 3, "steps": 10, "repeats": 1}
 QUICK = {"seq": [64], "tokens_per_step": 128, "warmup": 1, "steps": 2, "repeats": 1}
-LABELS = {"hf": "HF + PEFT", "unsloth_like": "ours", "hf_liger": "HF + PEFT + Liger"}
+LABELS = {"hf": "HF + PEFT", "unsloth_like": "ours", "hf_liger": "HF + PEFT + Liger", "unsloth": "Unsloth"}
+# variant: (the package it needs, the device it needs); Unsloth has had a CPU backend since 2026.10
+PEERS = {"hf_liger": ("liger_kernel", "cuda"), "unsloth": ("unsloth", None)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +98,10 @@ def settings(args: argparse.Namespace, device: str) -> dict:
 
 
 def variants(device: str) -> list[str]:
-    found = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-    return ["hf", "unsloth_like", *(["hf_liger"] if found else [])]
+    """The baseline, ours, and every peer that is installed and runs on ``device``."""
+    peers = [variant for variant, (package, needs) in PEERS.items()
+             if needs in (None, device) and importlib.util.find_spec(package) is not None]
+    return ["hf", "unsloth_like", *peers]
 
 
 def device_type() -> str:
@@ -106,29 +112,33 @@ def run(args: argparse.Namespace, shape: dict) -> dict:
     """Measure every cell of ``shape`` (``settings``) and write the report files; returns the report."""
     device = device_type()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    cells = []
-    for mode in args.modes:
-        for vocab in args.vocab or [None]:
-            for seq in shape["seq"]:
-                cells.append(_cell(device, args, shape, mode, vocab, seq))
+    with PeerCheckpoints() as checkpoints:  # the unsloth variant's saved models, removed at the end
+        cells = [_cell(device, args, shape, mode, vocab, seq, checkpoints)
+                 for mode in args.modes for vocab in args.vocab or [None] for seq in shape["seq"]]
+        longest = _longest_contexts(device, args, checkpoints) if args.max_seq and device == "cuda" else None
     vocabularies = sorted({cell["vocab"] for cell in cells if cell["vocab"] is not None})
     report = {"benchmark": "train-report", "device": name, "date": datetime.date.today().isoformat(),
               "versions": _versions(), "model": args.model, "size": args.size,
               "vocab": vocabularies if len(vocabularies) > 1 else next(iter(vocabularies), None),
               **shape,
               "cells": cells}
-    if args.max_seq and device == "cuda":
-        report["longest_context_batch1"] = {
-            f"{mode}/" + (f"{vocab}/" if len(args.vocab or []) > 1 else "") + variant:
-                train_step.longest_sequence({"device": device, "variant": variant, "mode": mode, "model": args.model,
-                                             "vocab": vocab, "gradient_checkpointing": True})
-            for mode in args.modes for vocab in args.vocab or [None] for variant in variants(device)}
+    if longest is not None:
+        report["longest_context_batch1"] = longest
     slug = "cpu" if device == "cpu" else name.split()[-1].lower()
     write(report, args.out, slug if args.name is None else f"{slug}-{args.name}")
     return report
 
 
-def _cell(device: str, args: argparse.Namespace, shape: dict, mode: str, vocab: int | None, seq: int) -> dict:
+def _longest_contexts(device: str, args: argparse.Namespace, checkpoints: PeerCheckpoints) -> dict:
+    """The longest batch-1 context of every variant, mode (and vocabulary, when several)."""
+    return {f"{mode}/" + (f"{vocab}/" if len(args.vocab or []) > 1 else "") + variant:
+            train_step.longest_sequence({"device": device, "variant": variant, "mode": mode, "model": args.model,
+                                         "vocab": vocab, "gradient_checkpointing": True}, checkpoints=checkpoints)
+            for mode in args.modes for vocab in args.vocab or [None] for variant in variants(device)}
+
+
+def _cell(device: str, args: argparse.Namespace, shape: dict, mode: str, vocab: int | None, seq: int,
+          checkpoints: PeerCheckpoints) -> dict:
     """One cell: every variant ``shape["repeats"]`` times in fresh processes, the fastest counting."""
     batch = shape["tokens_per_step"] // seq
     runs: dict[str, list[dict]] = {variant: [] for variant in variants(device)}
@@ -137,7 +147,7 @@ def _cell(device: str, args: argparse.Namespace, shape: dict, mode: str, vocab: 
             spec = {"device": device, "variant": variant, "mode": mode, "model": args.model, "size": args.size,
                     "gradient_checkpointing": device == "cuda", "vocab": vocab, "batch": batch,
                     "seq": seq, "warmup": shape["warmup"], "steps": shape["steps"]}
-            row = train_step.run_subprocess(spec)
+            row = train_step.run_subprocess(spec, checkpoints)
             runs[variant].append(row if row is not None else {**spec, "out_of_memory": True})
             print(_progress(mode, seq, batch, runs[variant][-1]), flush=True)
     rows = [fastest(variant_runs) for variant_runs in runs.values()]
@@ -157,16 +167,20 @@ def fastest(runs: list[dict]) -> dict:
 
 def ratios(rows: list[dict]) -> dict:
     """Ours / HF in one cell (when both fitted): throughput, peak memory, the first and last losses'
-    differences (the same weights and batch: they should agree to float rounding)."""
+    differences (the same weights and batch: they should agree to float rounding); ours / each
+    peer that fitted under ``versus``."""
     by = {row["variant"]: row for row in rows if not row.get("out_of_memory")}
-    if "hf" not in by or "unsloth_like" not in by:
+    if "unsloth_like" not in by:
         return {}
-    hf, ours = by["hf"], by["unsloth_like"]
-    return {"tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
-            "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
-            "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"],
-            "first_loss_difference": abs(ours["losses"][0] - hf["losses"][0]),
-            "last_loss_difference": abs(ours["losses"][-1] - hf["losses"][-1])}
+    ours = by["unsloth_like"]
+    versus = {peer: _compare(ours, by[peer]) for peer in PEERS if peer in by}
+    return {**(_compare(ours, by["hf"]) if "hf" in by else {}), **({"versus": versus} if versus else {})}
+
+
+def _compare(ours: dict, other: dict) -> dict:
+    return {**train_step.ours_over(ours, other),
+            "first_loss_difference": abs(ours["losses"][0] - other["losses"][0]),
+            "last_loss_difference": abs(ours["losses"][-1] - other["losses"][-1])}
 
 
 def write(report: dict, out: Path, slug: str) -> list[Path]:
@@ -208,10 +222,14 @@ def markdown(report: dict, png_name: str | None = None) -> str:
             if row.get("out_of_memory"):
                 lines.append(f"{head} {label} | out of memory | | | | |")
                 continue
+            # ours / HF on our row; on a peer's row, ours / that peer, said so
             ours = row["variant"] == "unsloth_like" and "tokens_per_s_ratio" in cell
-            versus = (f"time {1 / cell['tokens_per_s_ratio']:.2f}x, memory {cell['peak_memory_ratio']:.2f}x"
-                      if ours else "")
-            loss = f"{cell['first_loss_difference']:.1e}, {cell['last_loss_difference']:.1e}" if ours else ""
+            against = cell if ours else cell.get("versus", {}).get(row["variant"])
+            versus, loss = "", ""
+            if against is not None:
+                versus = (("" if ours else f"ours / {label}: ") + f"time {1 / against['tokens_per_s_ratio']:.2f}x, "
+                          f"memory {against['peak_memory_ratio']:.2f}x")
+                loss = f"{against['first_loss_difference']:.1e}, {against['last_loss_difference']:.1e}"
             lines.append(f"{head} {label} | {row['tokens_per_s']:.0f} | {row['s_per_step']:.3f} "
                          f"| {row['peak_mib']:.0f} | {versus} | {loss} |")
     if report.get("longest_context_batch1"):

@@ -8,12 +8,16 @@
     python scripts/bench_train.py --model phi3    # another text family: phi3 (Phi-4-mini), gemma3_text (Gemma 3 4B)
     python scripts/bench_train.py --model phi3 --vocab 200064   # CPU: the zoo model with the family's real vocabulary
     python scripts/bench_train.py --vocab 128256 --seq 2048 --batch 1   # any shape
+    python scripts/bench_train.py --variants unsloth_like unsloth     # ours against Unsloth itself (installed)
     python scripts/bench_train.py --out benchmarks/train-cpu.json        # default: benchmarks/train-<kind>-<device>.json
 
 Variants: ``hf`` is the plain model with ``peft.get_peft_model`` (standard gradient checkpointing
 on GPU, as users run it); ``unsloth_like`` is ``FastLanguageModel.get_peft_model`` on the patched
 model (fused LoRA, fused loss, ``use_gradient_checkpointing="unsloth"`` on GPU); ``hf_liger``
-(``--variants``, GPU only) is ``hf`` with Liger-Kernel applied to the model first. Each variant runs
+(``--variants``, GPU only) is ``hf`` with Liger-Kernel applied to the model first; ``unsloth``
+(``--variants``, text models; on a CPU Unsloth's own CPU backend, 2026.10 and newer) is Unsloth
+itself: its ``FastLanguageModel`` loads the same model from a temporary checkpoint and its adapters
+start from ``hf``'s (``unsloth_variant``). Each variant runs
 in a fresh subprocess on the same seeded weights and batch: a few warm-up steps, then timed
 optimizer steps. Reported: tokens/s and seconds per step of the median timed step (every step's
 time is kept), and peak memory above the loaded model (peak RSS on CPU,
@@ -50,8 +54,11 @@ import torch
 from unsloth_like.testing.memory import peak_rss_bytes, rss_bytes
 from unsloth_like.testing.reports import write_report
 
+from unsloth_like.bench.unsloth_variant import PeerCheckpoints
 
-VARIANTS = ("hf", "unsloth_like", "hf_liger")
+
+VARIANTS = ("hf", "unsloth_like", "hf_liger", "unsloth")
+LORA = {"r": 16, "lora_alpha": 16}  # every variant's adapters
 
 
 # ``--size small`` (CPU, Llama): the zoo Llama at SmolLM2-135M's width with 4 of its 30 layers, so
@@ -177,7 +184,17 @@ def _quantize_decoder_linears(model) -> None:
         torch.cuda.empty_cache()
 
 
-def _add_adapters(model, spec: dict):
+def build_base(spec: dict, quantized: bool):
+    """The seeded model every variant starts from, its embeddings resized to ``spec["vocab"]`` if set."""
+    model = _build_model(spec["device"], quantized=quantized, name=spec.get("model", "llama"),
+                         size=spec.get("size", "zoo"))
+    if spec.get("vocab"):
+        torch.manual_seed(0)  # the same new rows in every variant
+        model.resize_token_embeddings(spec["vocab"], mean_resizing=False)
+    return model
+
+
+def add_adapters(model, spec: dict):
     from peft import LoraConfig, get_peft_model
 
     from unsloth_like import FastLanguageModel, FastVisionModel
@@ -195,7 +212,7 @@ def _add_adapters(model, spec: dict):
                 set_gradient_checkpointing(model, "unsloth")
             return model
         loader = FastVisionModel if vision else FastLanguageModel
-        return loader.get_peft_model(model, r=16, lora_alpha=16, target_modules=None if vision else targets,
+        return loader.get_peft_model(model, **LORA, target_modules=None if vision else targets,
                                      random_state=0, use_gradient_checkpointing="unsloth" if checkpointing else False)
     if spec["variant"] == "hf_liger":  # HF + PEFT with Liger's kernels (RMSNorm, RoPE, SwiGLU, fused loss)
         import liger_kernel.transformers as liger
@@ -203,7 +220,7 @@ def _add_adapters(model, spec: dict):
         getattr(liger, f"apply_liger_kernel_to_{spec.get('model', 'llama')}")(model=model)
     if spec["mode"] != "full":
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(**LORA, target_modules=targets, task_type="CAUSAL_LM"))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -219,13 +236,12 @@ def prepare_step(spec: dict):
 
         routing = correct_bitsandbytes_baselines()  # for the process: it ends with the variant
         spec["bitsandbytes_cpu"] = routing.describe()
-    # Both variants seed 0 right before creating adapters: identical initial adapters.
-    model = _build_model(device, quantized=spec["mode"] == "qlora", name=spec.get("model", "llama"),
-                         size=spec.get("size", "zoo"))
-    if spec.get("vocab"):
-        torch.manual_seed(0)  # the same new rows in every variant
-        model.resize_token_embeddings(spec["vocab"], mean_resizing=False)
-    model = _add_adapters(model, spec)
+    if spec["variant"] == "unsloth":  # from the checkpoint PeerCheckpoints saved, its adapters copied in
+        from .unsloth_variant import load_unsloth_model
+
+        model = load_unsloth_model(spec)
+    else:  # every variant seeds 0 right before creating adapters: identical initial adapters
+        model = add_adapters(build_base(spec, quantized=spec["mode"] == "qlora"), spec)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.get_text_config().vocab_size
@@ -303,23 +319,32 @@ def _batch(config, spec: dict, vocab: int) -> dict:
     return {k: v.to(spec["device"]) for k, v in batch.items()}
 
 
-def run_subprocess(spec: dict) -> dict | None:
-    """Run one variant in a fresh process; None when it ran out of device memory."""
-    done = subprocess.run([sys.executable, "-m", "unsloth_like.bench.train_step", "--variant-spec", json.dumps(spec)],
-                          capture_output=True, text=True)
+def run_subprocess(spec: dict, checkpoints: PeerCheckpoints | None = None) -> dict | None:
+    """Run one variant in a fresh process; None when it ran out of device memory. The ``unsloth``
+    variant needs ``checkpoints``, where its model is saved for it (``unsloth_variant``)."""
+    argv, options = [sys.executable, "-m", "unsloth_like.bench.train_step"], {}
+    if spec["variant"] == "unsloth":
+        if checkpoints is None:
+            raise ValueError("the unsloth variant loads a saved model: pass a PeerCheckpoints to run_subprocess.")
+        spec = {**spec, "checkpoint": checkpoints.for_spec(spec)}
+        argv, options = checkpoints.process_options()
+    done = subprocess.run([*argv, "--variant-spec", json.dumps(spec)], capture_output=True, text=True, **options)
     if done.returncode != 0:
         if "out of memory" in done.stderr.lower():
             return None
         raise SystemExit(f"variant {spec['variant']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row.pop("checkpoint", None)  # a temporary folder, gone after the run
+    return row
 
 
-def longest_sequence(base_spec: dict, start: int = 2048, limit: int = 262144) -> int | None:
+def longest_sequence(base_spec: dict, start: int = 2048, limit: int = 262144,
+                     checkpoints: PeerCheckpoints | None = None) -> int | None:
     """The longest power-of-two sequence (from ``start``) whose batch-1 step fits in memory."""
     fitted = None
     seq = start
     while seq <= limit:
-        if run_subprocess({**base_spec, "batch": 1, "seq": seq, "warmup": 0, "steps": 1}) is None:
+        if run_subprocess({**base_spec, "batch": 1, "seq": seq, "warmup": 0, "steps": 1}, checkpoints) is None:
             break
         fitted, seq = seq, seq * 2
     return fitted
@@ -339,7 +364,8 @@ def main() -> None:
     parser.add_argument("--max-seq", action="store_true", help="GPU: also find the longest batch-1 sequence that fits")
     parser.add_argument("--out", default=None)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["hf", "unsloth_like"],
-                        help="hf_liger: HF + PEFT with Liger-Kernel's kernels (GPU, liger-kernel installed)")
+                        help="hf_liger: HF + PEFT with Liger-Kernel's kernels (GPU, liger-kernel installed); "
+                             "unsloth: Unsloth itself (unsloth installed, text models)")
     parser.add_argument("--variant-spec", default=None, help=argparse.SUPPRESS)  # internal: one subprocess
     args = parser.parse_args()
     if args.variant_spec:
@@ -363,25 +389,38 @@ def main() -> None:
                          "drop --size or use --model llama on a CPU.")
     if "hf_liger" in args.variants and (device != "cuda" or importlib.util.find_spec("liger_kernel") is None):
         raise SystemExit("--variants hf_liger needs a CUDA device and liger-kernel (pip install liger-kernel).")
+    if "unsloth" in args.variants:
+        refuse_unsloth(args.model)
     rows = []
-    for variant in args.variants:
-        spec = {"device": device, "variant": variant, "mode": args.mode, "model": args.model,
-                "gradient_checkpointing": device == "cuda", "vocab": args.vocab, "size": args.size}
-        row = run_subprocess({**spec, **shape})
-        if row is None:
-            raise SystemExit(f"variant {variant} ran out of memory at batch {shape['batch']} x {shape['seq']}.")
-        if args.max_seq and device == "cuda":
-            row["max_seq_batch1"] = longest_sequence(spec)
-        rows.append(row)
-        print(f"{variant:<13} {row['tokens_per_s']:10.0f} tok/s  {row['s_per_step']:7.3f} s/step  "
-              f"peak {row['peak_mib']:9.1f} MiB  loss {row['losses'][0]:.4f} -> {row['losses'][-1]:.4f}"
-              + (f"  max seq {row['max_seq_batch1']}" if "max_seq_batch1" in row else ""), flush=True)
-        report = _report(name, args.mode, rows, complete=len(rows) == len(args.variants))
-        write_report(out, report)  # after each variant: a run stopped midway keeps the first
-    if "tokens_per_s_ratio" in report:
-        print(f"\nours / HF: tokens/s {report['tokens_per_s_ratio']:.2f}x, step time {report['step_time_ratio']:.2f}x, "
-              f"peak memory {report['peak_memory_ratio']:.2f}x")
+    with PeerCheckpoints() as checkpoints:
+        for variant in args.variants:
+            spec = {"device": device, "variant": variant, "mode": args.mode, "model": args.model,
+                    "gradient_checkpointing": device == "cuda", "vocab": args.vocab, "size": args.size}
+            row = run_subprocess({**spec, **shape}, checkpoints)
+            if row is None:
+                raise SystemExit(f"variant {variant} ran out of memory at batch {shape['batch']} x {shape['seq']}.")
+            if args.max_seq and device == "cuda":
+                row["max_seq_batch1"] = longest_sequence(spec, checkpoints=checkpoints)
+            rows.append(row)
+            print(f"{variant:<13} {row['tokens_per_s']:10.0f} tok/s  {row['s_per_step']:7.3f} s/step  "
+                  f"peak {row['peak_mib']:9.1f} MiB  loss {row['losses'][0]:.4f} -> {row['losses'][-1]:.4f}"
+                  + (f"  max seq {row['max_seq_batch1']}" if "max_seq_batch1" in row else ""), flush=True)
+            report = _report(name, args.mode, rows, complete=len(rows) == len(args.variants))
+            write_report(out, report)  # after each variant: a run stopped midway keeps the first
+    for baseline, ratios in (("HF", report), ("Unsloth", report.get("vs_unsloth", {}))):
+        if "tokens_per_s_ratio" in ratios:
+            print(f"\nours / {baseline}: tokens/s {ratios['tokens_per_s_ratio']:.2f}x, "
+                  f"step time {ratios['step_time_ratio']:.2f}x, peak memory {ratios['peak_memory_ratio']:.2f}x")
     print(f"written to {out}")
+
+
+def refuse_unsloth(model: str) -> None:
+    """Stop, in one sentence, where the ``unsloth`` variant cannot run."""
+    if importlib.util.find_spec("unsloth") is None:
+        raise SystemExit("--variants unsloth needs Unsloth installed next to unsloth_like (pip install unsloth; "
+                         "on a CPU, Unsloth 2026.10 or newer).")
+    if model not in TEXT_MODELS:
+        raise SystemExit(f"--variants unsloth covers the text models ({', '.join(TEXT_MODELS)}), not {model}.")
 
 
 def _report(device_name: str, mode: str, rows: list[dict], complete: bool) -> dict:
@@ -390,11 +429,17 @@ def _report(device_name: str, mode: str, rows: list[dict], complete: bool) -> di
               "mode": mode, "results": rows, "complete": complete}
     by_variant = {row["variant"]: row for row in rows}
     if "hf" in by_variant and "unsloth_like" in by_variant:
-        hf, ours = by_variant["hf"], by_variant["unsloth_like"]
-        report.update({"tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
-                       "step_time_ratio": ours["s_per_step"] / hf["s_per_step"],
-                       "peak_memory_ratio": ours["peak_mib"] / hf["peak_mib"]})
+        report.update(ours_over(by_variant["unsloth_like"], by_variant["hf"]))
+    if "unsloth" in by_variant and "unsloth_like" in by_variant:
+        report["vs_unsloth"] = ours_over(by_variant["unsloth_like"], by_variant["unsloth"])
     return report
+
+
+def ours_over(ours: dict, other: dict) -> dict:
+    """Ours / another variant of the same run: throughput, step time, peak memory."""
+    return {"tokens_per_s_ratio": ours["tokens_per_s"] / other["tokens_per_s"],
+            "step_time_ratio": ours["s_per_step"] / other["s_per_step"],
+            "peak_memory_ratio": ours["peak_mib"] / other["peak_mib"]}
 
 
 if __name__ == "__main__":
