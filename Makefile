@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.unsloth_like-installed
 TEST_STAMP := $(VENV)/.unsloth_like-test-tools-installed
 
-.PHONY: demo test test-fast test-floor doctor clean
+.PHONY: demo test test-fast test-floor bench-unsloth doctor clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("unsloth_like needs Python >= 3.10, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
@@ -64,8 +64,21 @@ test-floor:
 	$(FLOOR_VENV)/bin/python -m unsloth_like doctor
 	$(FLOOR_VENV)/bin/python -m pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
+# Ours against Unsloth itself (its CPU backend on a CPU, its kernels on a GPU), every variant in one
+# venv of its own: Unsloth pins transformers <= 5.17 and trl <= 1.15, our lowest supported releases,
+# so there every variant runs on them. BENCH_ARGS: more `unsloth-like bench` flags.
+PEERS_VENV ?= .venv-peers
+UNSLOTH_SPEC ?= unsloth==2026.10.9 unsloth_zoo==2026.10.9 transformers==5.17.0 trl==1.15.0
+BENCH_ARGS ?=
+
+bench-unsloth:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(VENV_ARGS) $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -c 'import torch' 2>/dev/null || $(PEERS_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(PEERS_VENV)/bin/python -m pip install --quiet -e ".[plots]" $(UNSLOTH_SPEC)
+	$(PEERS_VENV)/bin/python -m unsloth_like bench --name unsloth $(BENCH_ARGS)
+
 doctor: $(STAMP)
 	$(BIN)/python -m unsloth_like doctor
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) outputs .pytest_cache build/llamacpp-jinja
+	rm -rf $(VENV) $(FLOOR_VENV) $(PEERS_VENV) outputs .pytest_cache build/llamacpp-jinja

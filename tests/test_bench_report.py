@@ -102,6 +102,7 @@ def test_peers_get_ours_over_them_on_their_own_row():
     assert got["versus"]["unsloth"]["last_loss_difference"] == pytest.approx(0.05)
     cell = {"mode": "lora", "seq": 256, "batch": 8, "rows": rows, **got}
     text = report.markdown({**_report(), "cells": [cell]})
+    assert text.startswith("### Training step: HF + PEFT, Unsloth vs ours (CPU (2 cores), 2026-12-06)")
     assert "| lora | 256 x 8 | ours | 1250 | 1.638 | 300 | time 0.80x, memory 0.33x |" in text
     assert "| lora | 256 x 8 | Unsloth | 1000 | 2.048 | 400 | ours / Unsloth: time 0.80x, memory 0.75x | 0.0e+00, 5.0e-02 |" in text
     assert "versus" not in report.ratios(rows[:2])

@@ -67,6 +67,17 @@ def test_ci_runs_the_readme_test_command():
     assert "make test    #" in README
 
 
+def test_the_unsloth_benchmark_pins_releases_we_support():
+    """`make bench-unsloth` runs every variant on Unsloth's pins: they must be inside our ranges."""
+    spec = re.search(r"^UNSLOTH_SPEC \?= (.+)$", (ROOT / "Makefile").read_text(), flags=re.MULTILINE).group(1).split()
+    pins = {Requirement(item).name: Requirement(item) for item in spec}
+    assert {"unsloth", "unsloth_zoo", "transformers", "trl"} <= set(pins)
+    for name, requirement in _pyproject_dependencies().items():
+        if name in pins:
+            version = next(iter(pins[name].specifier)).version
+            assert requirement.specifier.contains(version), f"bench-unsloth pins {name} {version}, outside {requirement}"
+
+
 def test_floor_requirements_pin_every_dependency():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "floor_requirements.py")],
                           capture_output=True, text=True, check=True)

@@ -14,7 +14,8 @@ the faster run counts (``--repeats``).
 Variants: ``hf`` (the plain model with ``peft.get_peft_model``), ``unsloth_like``
 (``FastLanguageModel.get_peft_model`` on the patched model) and the peers that are installed:
 ``hf_liger`` (liger-kernel, GPU) and ``unsloth`` (Unsloth itself, loading the same model from a
-temporary checkpoint, its adapters starting from ``hf``'s: ``unsloth_variant``). Every cell has the same number of tokens per step (the batch shrinks as
+temporary checkpoint, its adapters starting from ``hf``'s: ``unsloth_variant``). Every cell has
+the same number of tokens per step (the batch shrinks as
 the rows grow), so throughput is comparable across the row. Ratios (ours / HF) come from the same
 run. The model: on a CPU the zoo Llama (random weights, 13.8M parameters; ``--size small``: at
 SmolLM2-135M's width, 4 layers); on a GPU Llama-3.1-8B's dimensions (random weights, no hub needed).
@@ -207,7 +208,9 @@ def markdown(report: dict, png_name: str | None = None) -> str:
     by_vocab = isinstance(report["vocab"], list)  # several vocabularies: a column of its own
     model = f"`{report['model']}`" + (" at SmolLM2-135M's width (4 layers)" if report.get("size") == "small" else "")
     vocabulary = "vocabulary per row" if by_vocab else f"vocabulary {report['vocab']}"
-    lines = [f"### Training step: HF + PEFT vs ours ({report['device']}, {report['date']})", "",
+    others = [LABELS[variant] for variant in LABELS if variant != "unsloth_like" and any(
+        row["variant"] == variant for cell in report["cells"] for row in cell["rows"])]
+    lines = [f"### Training step: {', '.join(others) or 'HF + PEFT'} vs ours ({report['device']}, {report['date']})", "",
              f"`unsloth-like bench`: model {model} ({vocabulary}), "
              f"{report['tokens_per_step']} tokens per step, {report['warmup']} warm-up + {report['steps']} timed "
              f"steps (the median step of the fastest of {report['repeats']} runs), each variant in a fresh "
@@ -288,9 +291,11 @@ def _progress(mode: str, seq: int, batch: int, row: dict) -> str:
 
 
 def _versions() -> dict:
+    """The versions that decide the numbers: ours' dependencies, and the peers that ran."""
     from ..env import package_version
 
-    return {name: package_version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")}
+    peers = [PEERS[variant][0].replace("_", "-") for variant in variants(device_type()) if variant in PEERS]
+    return {name: package_version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", *peers)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,10 +51,9 @@ from pathlib import Path
 
 import torch
 
+from unsloth_like.bench.unsloth_variant import PeerCheckpoints
 from unsloth_like.testing.memory import peak_rss_bytes, rss_bytes
 from unsloth_like.testing.reports import write_report
-
-from unsloth_like.bench.unsloth_variant import PeerCheckpoints
 
 
 VARIANTS = ("hf", "unsloth_like", "hf_liger", "unsloth")
