@@ -11,8 +11,12 @@ model (``PeerCheckpoints``). The LoRA adapters the ``hf`` variant starts from ar
 and copied into Unsloth's adapters after ``get_peft_model``: every variant then starts from the
 same point, and their losses are comparable step by step.
 
-Unsloth needs a CUDA device; ``train_step`` refuses the variant elsewhere. The tests run this
-module against a stand-in for Unsloth with the same call signatures (``tests/peer_fakes``).
+On a GPU this is Unsloth's own kernels. On a CPU, Unsloth 2026.10 and newer trains through its CPU
+backend (stock transformers + PEFT with a chunked loss, which ``turn_on_cpu_training_loss`` switches
+on for the steps, as Unsloth's SFT trainer does for its own); older releases raise at import, and
+the benchmark reports that error. Unsloth pins transformers <= 5.17: ``make bench-unsloth`` runs
+every variant in a venv on its pins. The tests run this module against a stand-in for Unsloth with
+the same call signatures (``tests/peer_fakes``).
 """
 
 from __future__ import annotations
