@@ -109,8 +109,9 @@ def test_liger_variant_is_refused_without_a_gpu_in_one_sentence(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-# The unsloth variant. Unsloth needs a CUDA device, so these run it against a stand-in with Unsloth's
-# call signatures that refuses to be imported after transformers (tests/peer_fakes/unsloth).
+# The unsloth variant. The suite does not install Unsloth (its pins are below our tested newest
+# releases), so these run it against a stand-in with Unsloth's call signatures that refuses to be
+# imported after transformers (tests/peer_fakes/unsloth); make bench-unsloth runs the real one.
 PEER_FAKES = Path(__file__).resolve().parent / "peer_fakes"
 
 

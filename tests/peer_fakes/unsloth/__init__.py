@@ -1,7 +1,9 @@
-"""A stand-in for Unsloth in the benchmark's tests (Unsloth itself needs a CUDA device).
+"""A stand-in for Unsloth in the benchmark's tests. The suite does not install Unsloth: it pins
+transformers <= 5.17 and trl <= 1.15, below the newest releases the suite runs on
+(``make bench-unsloth`` measures the real one in a venv of its own).
 
 It has the call signatures of Unsloth's ``FastLanguageModel.from_pretrained`` and
-``get_peft_model`` (Unsloth 2026.8; no ``**kwargs``, so a misspelt keyword fails as it would there)
+``get_peft_model`` (Unsloth 2026.8's GPU loader; no ``**kwargs``, so a misspelt keyword fails as it would there)
 and does the work with unsloth_like's own. It is stricter than Unsloth about one thing: Unsloth
 warns when transformers was imported before it (its patches then miss), this refuses, so a
 benchmark process that imports in the wrong order fails its test.
