@@ -178,3 +178,14 @@ def test_unsloths_cpu_loss_is_switched_on_where_the_model_has_it():
     assert turn_on_cpu_training_loss(SimpleNamespace(base_model=SimpleNamespace(model=inner)))
     assert inner._unsloth_cpu_chunked_ce_active is True
     assert not turn_on_cpu_training_loss(SimpleNamespace(base_model=SimpleNamespace(model=SimpleNamespace())))
+
+
+def test_a_vocabulary_below_the_special_ids_is_refused_before_saving():
+    import transformers
+
+    from unsloth_like.bench.unsloth_variant import refuse_unloadable
+
+    config = transformers.LlamaConfig(vocab_size=700, pad_token_id=858, bos_token_id=854, eos_token_id=855)
+    with pytest.raises(SystemExit, match=r"--vocab 700 is below the model's pad_token_id 858: .* use --vocab 859"):
+        refuse_unloadable(config)
+    refuse_unloadable(transformers.LlamaConfig(vocab_size=1500, pad_token_id=858))

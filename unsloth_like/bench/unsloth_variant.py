@@ -92,10 +92,14 @@ def save_checkpoint(spec: dict, directory: Path) -> None:
     from . import train_step
 
     model = train_step.build_base(spec, quantized=False)
+    refuse_unloadable(model.config)
     directory.mkdir(parents=True)
     model.save_pretrained(directory)
-    # Unsloth loads a tokenizer with every model; the batches are token ids, so the zoo's will do.
-    transformers.AutoTokenizer.from_pretrained(zoo.zoo_model_dir(spec.get("model", "llama"))).save_pretrained(directory)
+    # Unsloth loads a tokenizer with every model; the batches are token ids, so the zoo's will do (on a
+    # CPU from the folder the model was just loaded from, rather than building another zoo model).
+    name = spec.get("model", "llama")
+    source = train_step._cpu_zoo_spec(name, spec.get("size", "zoo")) if spec["device"] == "cpu" else name
+    transformers.AutoTokenizer.from_pretrained(zoo.zoo_model_dir(source)).save_pretrained(directory)
     meta = {"dtype": str(model.dtype).removeprefix("torch."), **{name: spec.get(name) for name in SHAPE_KEYS}}
     # The hf variant's own adapter code, so that the copy is its starting point by construction.
     peft_model = train_step.add_adapters(model, {**spec, "variant": "hf", "mode": "lora",
@@ -105,6 +109,18 @@ def save_checkpoint(spec: dict, directory: Path) -> None:
     save_file(adapters, directory / ADAPTER_FILE)
     meta["target_modules"] = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapters})
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def refuse_unloadable(config) -> None:
+    """Stop, in one sentence, when the saved model could not be loaded again: a ``--vocab`` below
+    the tokenizer's special ids leaves ids that the reloaded embedding cannot hold."""
+    vocab = config.get_text_config().vocab_size
+    outside = {name: value for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+               if isinstance(value := getattr(config, name, None), int) and value >= vocab}
+    if outside:
+        name, value = max(outside.items(), key=lambda item: item[1])
+        raise SystemExit(f"--vocab {vocab} is below the model's {name} {value}: the unsloth variant reloads the "
+                         f"saved model, which needs it; use --vocab {value + 1} or more.")
 
 
 def load_unsloth_model(spec: dict):
